@@ -1,0 +1,279 @@
+"""The command line: `python -m pipelines SUBCOMMAND ...`.
+
+    tiny-model DIR                       write the tiny random test model
+    train --base B --images DIR ...      train an ED-LoRA concept into the library
+    concepts list|show|rename|delete|export|import
+    generate --prompt "... <mochi> ..."  sample an image (PNG with its settings)
+
+A user error prints one line and exits with status 2; Ctrl-C during training writes a checkpoint
+(resume with --resume) and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "concepts"
+
+
+def default_library() -> str:
+    return os.environ.get("MENAGERIE_LIBRARY", str(DEFAULT_LIBRARY))
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress bars of loaders, optional-dependency notices) off the console."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_tiny_model(args) -> None:
+    from .base import build_tiny_model
+
+    out = build_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote tiny random test model to {out} (its images are noise; for tests and offline demos)")
+
+
+def cmd_train(args) -> None:
+    from tqdm import tqdm
+
+    from .base import load_base
+    from .concept import ConceptLibrary, check_name
+    from .errors import UserError
+    from .train import TrainConfig, find_masks, find_photos, load_training_set, train_concept
+
+    # 1. Check everything that needs no model
+    library = ConceptLibrary(args.library)
+    check_name(args.name)
+    if args.name in library.names() and not args.overwrite:
+        raise UserError(f"concept {args.name!r} already exists in {library.root}; pass --overwrite or choose another --name")
+    photo_paths = find_photos(args.images)
+    mask_paths = find_masks(args.masks, photo_paths) if args.masks else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        photos, masks = load_training_set(photo_paths, mask_paths)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    config = TrainConfig(
+        name=args.name, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
+        resolution=args.resolution, rank=args.rank, lr_embedding=args.lr_embedding,
+        lr_text_lora=args.lr_text_lora, lr_unet_lora=args.lr_unet_lora, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+    # 2. Train, with a progress bar; Ctrl-C sets the cancel event so a checkpoint is written
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    cancel = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    checkpoint_dir = library.root / ".checkpoints" / args.name
+    bar = tqdm(total=0, desc=f"training <{args.name}>", unit="step", dynamic_ncols=True)
+
+    def report(progress) -> None:
+        bar.total = progress.total
+        bar.n = progress.step
+        bar.set_postfix(loss=f"{progress.loss:.4f}", emb_norm=f"{progress.embedding_norm:.3f}", refresh=False)
+        bar.refresh()
+
+    try:
+        result = train_concept(base, photos, config, masks=masks, callback=report, cancel=cancel,
+                               checkpoint_dir=checkpoint_dir, resume=args.resume)
+    finally:
+        bar.close()
+    library.save(result.concept, result.tensors, result.preview, overwrite=True)
+    print(f"saved concept <{args.name}> ({args.class_word}, {len(photos)} photos, {len(result.losses)} steps,"
+          f" final loss {result.losses[-1]:.4f}) to {library.root / args.name}")
+    if base.is_test_model:
+        print("note: trained on the tiny random test model; its previews are noise")
+
+
+def cmd_concepts(args) -> None:
+    from .concept import ConceptLibrary
+
+    library = ConceptLibrary(args.library)
+    if args.action == "list":
+        concepts = library.list()
+        if args.json:
+            print(json.dumps([c.to_json() for c in concepts], indent=2, sort_keys=True))
+        elif not concepts:
+            print(f"no concepts in {library.root}")
+        else:
+            for c in concepts:
+                print(f"{c.token:<24} {c.class_word:<10} {c.photo_count:>3} photos  {c.base_model}  {c.created}")
+    elif args.action == "show":
+        concept = library.get(args.name)
+        record = concept.to_json()
+        record["path"] = str(library.path(args.name))
+        print(json.dumps(record, indent=2, sort_keys=True))
+    elif args.action == "rename":
+        library.rename(args.name, args.new_name)
+        print(f"renamed <{args.name}> to <{args.new_name}>")
+    elif args.action == "delete":
+        library.delete(args.name)
+        print(f"deleted <{args.name}>")
+    elif args.action == "export":
+        out = library.export(args.name, args.file)
+        print(f"exported <{args.name}> to {out}")
+    elif args.action == "import":
+        base = None
+        if args.base:
+            from .base import load_base
+
+            base = load_base(args.base, device=args.device or "cpu")
+        concept = library.import_file(args.file, name=args.name, base=base, overwrite=args.overwrite)
+        print(f"imported <{concept.name}> ({concept.class_word}) into {library.root}")
+
+
+def cmd_generate(args) -> None:
+    from .base import TEST_MODEL_NOTE, load_base
+    from .concept import ConceptLibrary
+    from .errors import UserError
+    from .sample import SampleConfig, generate, save_png
+
+    config = SampleConfig(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
+        scheduler=args.scheduler, lora_scale=args.lora_scale,
+    )
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {args.out!r} must be a .png file")
+    library = ConceptLibrary(args.library)
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    result = generate(base, library, config)
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
+        save_png(image, path, {**result.metadata, "seed": config.seed, "index": i})
+        print(f"wrote {path}")
+    if base.is_test_model:
+        print(f"note: {TEST_MODEL_NOTE}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .base import DEFAULT_BASE, DTYPES
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Menagerie: your own pets, together in one picture.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(p, base=True):
+        if base:
+            p.add_argument("--base", default=DEFAULT_BASE, help=f"Hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (default {DEFAULT_BASE})")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+        p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' precision (default: bf16/fp16 on GPUs, fp32 on CPU)")
+
+    def library_flag(p):
+        p.add_argument("--library", default=default_library(), help="concept library folder (default: ./concepts or $MENAGERIE_LIBRARY)")
+
+    p = sub.add_parser("tiny-model", help="write the tiny random SD1.5-structured test model to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("train", help="train an ED-LoRA concept from photos of one subject")
+    model_flags(p)
+    library_flag(p)
+    p.add_argument("--images", nargs="+", required=True, help="folder(s) or files of photos of the subject")
+    p.add_argument("--masks", default=None, help="folder of subject masks (white = subject), one per photo, same file stem")
+    p.add_argument("--name", required=True, help="concept name; prompts use it as <name>")
+    p.add_argument("--class-word", required=True, help="what the subject is, one word: dog, cat, bird...")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 500 x photos / batch size, as Mix-of-Show)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the base's native size)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--lr-embedding", type=float, default=1e-3)
+    p.add_argument("--lr-text-lora", type=float, default=1e-5)
+    p.add_argument("--lr-unet-lora", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this concept")
+    p.add_argument("--overwrite", action="store_true", help="replace a concept of the same name")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("concepts", help="list, show, rename, delete, export or import concepts")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("list")
+    library_flag(a)
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = actions.add_parser("show")
+    library_flag(a)
+    a.add_argument("name")
+    a = actions.add_parser("rename")
+    library_flag(a)
+    a.add_argument("name")
+    a.add_argument("new_name")
+    a = actions.add_parser("delete")
+    library_flag(a)
+    a.add_argument("name")
+    a = actions.add_parser("export")
+    library_flag(a)
+    a.add_argument("name")
+    a.add_argument("file", help="output .safetensors file")
+    a = actions.add_parser("import")
+    library_flag(a)
+    a.add_argument("file", help="a .safetensors file written by export")
+    a.add_argument("--name", default=None, help="import under another name")
+    a.add_argument("--base", default=None, help="refuse the concept unless it fits this base model's architecture")
+    a.add_argument("--device", default=None)
+    a.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_concepts)
+
+    p = sub.add_parser("generate", help="generate images; prompts name concepts as <name>")
+    model_flags(p)
+    library_flag(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", required=True, help="output .png (with several images: name_1.png, name_2.png, ...)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the base's native size)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "euler"])
+    p.add_argument("--lora-scale", type=float, default=0.7, help="strength of a concept's LoRA (Mix-of-Show: 0.7)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import Cancelled, UserError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Cancelled as stop:
+        print(f"stopped: {stop}; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The concept library on disk.
+
+    <library>/<name>/concept.safetensors   layer-wise embeddings + LoRA weights (see `edlora`)
+    <library>/<name>/concept.json          name, class word, tokens, base model and fingerprint, ...
+    <library>/<name>/preview.png           a sample made at the end of training
+
+Writes are atomic at the level of a whole concept: a new version is written into a hidden staging
+folder and swapped in with renames; if a crash lands between the two renames, opening the library
+restores the previous version. An export is one `.safetensors` file carrying the tensors, the
+record (as safetensors metadata) and the preview.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .edlora import check_concept_tensors
+from .errors import UserError
+
+WEIGHTS_FILE = "concept.safetensors"
+RECORD_FILE = "concept.json"
+PREVIEW_FILE = "preview.png"
+NAME_RULE = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+FORMAT = "menagerie-edlora-v1"
+
+
+def check_name(name: str, what: str = "concept name") -> str:
+    """A concept name is 1-40 characters of a-z, 0-9, '_' and '-', starting with a letter or digit."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise UserError(
+            f"{what} {name!r} is not valid: use 1-40 lowercase letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_class_word(word: str) -> str:
+    if not isinstance(word, str) or not re.fullmatch(r"[a-z]+", word.strip().lower()):
+        raise UserError(f"class word {word!r} is not valid: use one plain word such as dog or cat")
+    return word.strip().lower()
+
+
+@dataclass
+class Concept:
+    """The record of one trained concept (concept.json)."""
+
+    name: str
+    class_word: str
+    base_model: str  # Hub id, path or "tiny" it was trained on
+    fingerprint: str  # architecture fingerprint of that base (see base.architecture_fingerprint)
+    photo_count: int
+    settings: dict = field(default_factory=dict)  # the TrainConfig used, as a dict
+    created: str = ""  # ISO 8601, UTC
+    format: str = FORMAT
+    is_test_model: bool = False  # trained on the tiny random model: previews are noise
+
+    @property
+    def token(self) -> str:
+        """How prompts refer to the concept."""
+        return f"<{self.name}>"
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["token"] = self.token
+        record["words"] = [f"<{self.name}-r*>", f"<{self.name}-c*>"]  # V_rand, V_class, 16 layer tokens each
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Concept":
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [f for f in ("name", "class_word", "base_model", "fingerprint", "photo_count") if f not in record]
+        if missing:
+            raise UserError(f"concept record lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ConceptLibrary:
+    """A folder of concepts. Every method validates names and raises UserError on bad input."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RECORD_FILE).exists())
+
+    def list(self) -> list[Concept]:
+        return [self.get(name) for name in self.names()]
+
+    def path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def get(self, name: str) -> Concept:
+        folder = self.path(name)
+        if not (folder / RECORD_FILE).exists():
+            known = ", ".join(self.names()) or "none"
+            raise UserError(f"unknown concept {name!r} in library {self.root} (known: {known})")
+        try:
+            record = json.loads((folder / RECORD_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"concept {name!r}: {RECORD_FILE} is unreadable ({error})") from None
+        concept = Concept.from_json(record)
+        concept.name = name  # the folder name is the truth
+        return concept
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.path(name) / WEIGHTS_FILE
+        if not path.exists():
+            raise UserError(f"concept {name!r} has no {WEIGHTS_FILE}; delete it and train it again")
+        return load_file(path)
+
+    def preview_path(self, name: str) -> Path | None:
+        path = self.path(name) / PREVIEW_FILE
+        return path if path.exists() else None
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def save(self, concept: Concept, tensors: dict[str, torch.Tensor], preview: Image.Image | None = None, overwrite: bool = True) -> Path:
+        """Write a concept atomically; an existing one of the same name is replaced only if overwrite."""
+        check_name(concept.name)
+        check_concept_tensors(tensors)
+        target = self.root / concept.name
+        if target.exists() and not overwrite:
+            raise UserError(f"concept {concept.name!r} already exists in {self.root}; choose another name or delete it first")
+        if not concept.created:
+            concept.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        staging = self.root / f".staging-{concept.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS_FILE, metadata={"format": FORMAT})
+            _write_json(staging / RECORD_FILE, concept.to_json())
+            if preview is not None:
+                preview.save(staging / PREVIEW_FILE)
+            _fsync_dir(staging)
+            self._swap_in(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _swap_in(self, staging: Path, target: Path) -> None:
+        """Replace `target` by `staging` with two renames; `_recover` mends a crash between them."""
+        old = self.root / f".old-{target.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        _fsync_dir(self.root)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _recover(self) -> None:
+        """Undo what a crash mid-save left: restore `.old-<name>` if `<name>` is gone, drop staging."""
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".old-"):
+                target = self.root / entry.name[len(".old-"):]
+                if target.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    os.replace(entry, target)
+            elif entry.name.startswith(".staging-"):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(self.path(name), trash)  # one rename: the concept is gone or still whole
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> Concept:
+        concept = self.get(old)
+        check_name(new, "new name")
+        if (self.root / new).exists():
+            raise UserError(f"cannot rename {old!r} to {new!r}: a concept named {new!r} already exists")
+        staging = self.root / f".staging-{new}-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(self.path(old), staging)
+        concept.name = new
+        _write_json(staging / RECORD_FILE, concept.to_json())
+        os.replace(staging, self.root / new)
+        self.delete(old)
+        return concept
+
+    # -- export / import -------------------------------------------------------------------------
+
+    def export(self, name: str, out_file: str | os.PathLike) -> Path:
+        """One `.safetensors` file: the tensors, the record in metadata, the preview as a uint8 tensor."""
+        concept = self.get(name)
+        tensors = dict(self.weights(name))
+        preview = self.preview_path(name)
+        if preview is not None:
+            tensors["preview"] = torch.from_numpy(np.array(Image.open(preview).convert("RGB")))
+        out_file = Path(out_file).expanduser()
+        if out_file.suffix != ".safetensors":
+            raise UserError(f"export file {str(out_file)!r} must end in .safetensors")
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "concept": json.dumps(concept.to_json(), sort_keys=True)})
+            os.replace(tmp, out_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out_file
+
+    def import_file(self, file: str | os.PathLike, name: str | None = None, base=None, overwrite: bool = False) -> Concept:
+        """Import an exported concept; with `base`, refuse it unless it fits that base's architecture."""
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise UserError(f"import file {str(file)!r} does not exist")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(file)
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"{file.name} is not a readable .safetensors file ({type(error).__name__}: {error})") from None
+        if metadata.get("format") != FORMAT or "concept" not in metadata:
+            raise UserError(f"{file.name} is not a Menagerie concept export (format {metadata.get('format')!r})")
+        try:
+            concept = Concept.from_json(json.loads(metadata["concept"]))
+        except json.JSONDecodeError:
+            raise UserError(f"{file.name}: the concept record in its metadata is not valid JSON") from None
+        if base is not None and concept.fingerprint != base.fingerprint:
+            raise UserError(
+                f"concept {concept.name!r} was trained on another architecture ({concept.base_model}, fingerprint"
+                f" {concept.fingerprint}); the current base {base.name} has fingerprint {base.fingerprint}. Import it"
+                f" into a library used with that base model instead"
+            )
+        preview = tensors.pop("preview", None)
+        check_concept_tensors(tensors, base)
+        concept.name = check_name(name or concept.name)
+        image = Image.fromarray(preview.numpy()) if preview is not None else None
+        self.save(concept, tensors, image, overwrite=overwrite)
+        return concept
+
+
+def check_compatible(concept: Concept, base) -> None:
+    """Refuse a concept trained on another architecture than `base`'s."""
+    if concept.fingerprint != base.fingerprint:
+        raise UserError(
+            f"concept {concept.name!r} was trained on {concept.base_model} (architecture {concept.fingerprint});"
+            f" the base model {base.name} has architecture {base.fingerprint}. Use --base {concept.base_model}"
+            f" or retrain the concept on this base"
+        )
+
+
+def preview_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

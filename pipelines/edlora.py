@@ -1,0 +1,158 @@
+"""ED-LoRA concept weights (Mix-of-Show, Gu et al. 2023, section 3.3.1) on a base model.
+
+A concept's weights are its layer-wise embeddings `[2, 16, d]` (V_rand, V_class) plus LoRA
+adapters of rank 4, scale 1.0, on every CLIP attention projection (q/k/v/out) and on the UNet's
+attn1 and attn2 to_q/to_k/to_v/to_out.0. The adapters are peft LoRA layers, one adapter name per
+concept; ED-LoRA adds only what peft lacks, the layer-wise token embeddings (see `layerwise`).
+
+Weights file keys: `embeddings` `[2, 16, d]`; `text_encoder.<peft key>` and `unet.<peft key>`, with
+peft's key names (e.g. `...self_attn.q_proj.lora_A.weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .errors import UserError
+from .layerwise import NUM_LAYERS, WORDS, add_concept_tokens, install_layerwise_attention
+
+LORA_RANK = 4
+# peft matches a string target with re.fullmatch against each module's full name.
+UNET_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def lora_config(targets: str, rank: int = LORA_RANK) -> LoraConfig:
+    """LoRA as Mix-of-Show uses it: output = W0 x + 1.0 * B A x (alpha = rank gives scale 1.0).
+
+    peft's default init (A Kaiming-uniform, B zero) is Mix-of-Show's, so step 0 equals the base.
+    """
+    if rank <= 0:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank}")
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
+
+
+def add_lora(model: torch.nn.Module, adapter: str, targets: str, rank: int = LORA_RANK) -> None:
+    """Add LoRA adapter `adapter` on the modules of `model` matching `targets` (replacing one of that name).
+
+    peft's `inject_adapter_in_model` works the same on diffusers and transformers models.
+    """
+    remove_lora(model, adapter)
+    inject_adapter_in_model(lora_config(targets, rank), model, adapter_name=adapter)
+
+
+def remove_lora(model: torch.nn.Module, adapter: str) -> None:
+    for layer in lora_layers(model).values():
+        if adapter in layer.lora_A:
+            layer.delete_adapter(adapter)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
+    """Module name -> peft LoRA layer, for every adapted linear layer of `model`."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def lora_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and f".{adapter}." in n]
+
+
+def set_active_adapters(model: torch.nn.Module, adapters: list[str]) -> None:
+    """Make exactly `adapters` active in every LoRA layer of `model` (none: the base model)."""
+    for layer in lora_layers(model).values():
+        present = [a for a in adapters if a in layer.lora_A]
+        if present:
+            layer.enable_adapters(True)
+            layer.set_adapter(present)
+        else:
+            layer.enable_adapters(False)
+
+
+def ensure_layerwise(base) -> None:
+    install_layerwise_attention(base.unet)
+
+
+def concept_state_dict(base, adapter: str, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of one concept, ready for safetensors (fp32, contiguous, on the CPU)."""
+    tensors = {"embeddings": embeddings.detach().float().cpu().contiguous()}
+    for prefix, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
+        for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
+            tensors[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
+    return tensors
+
+
+def split_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
+    """(embeddings, text-encoder LoRA, UNet LoRA) of a concept's tensors."""
+    if "embeddings" not in tensors:
+        raise UserError("concept weights have no 'embeddings' tensor; this is not an ED-LoRA concept file")
+    text = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+    return tensors["embeddings"], text, unet
+
+
+def lora_rank_of(tensors: dict[str, torch.Tensor]) -> int:
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise UserError(f"concept LoRA tensors have inconsistent ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None) -> None:
+    """Structural checks of a concept's tensors; with `base`, also that every shape fits it.
+
+    Raises UserError naming the first tensor that does not fit.
+    """
+    embeddings, text, unet = split_state_dict(tensors)
+    for key, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise UserError(f"concept tensor {key!r} has dtype {value.dtype}; expected floating point")
+        if not torch.isfinite(value).all():
+            raise UserError(f"concept tensor {key!r} contains NaN or infinity")
+    if embeddings.ndim != 3 or embeddings.shape[:2] != (len(WORDS), NUM_LAYERS):
+        raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; expected [2, 16, d]")
+    unknown = [k for k in tensors if k != "embeddings" and not k.startswith(("text_encoder.", "unet."))]
+    if unknown:
+        raise UserError(f"concept file has unexpected tensors, e.g. {unknown[0]!r}")
+    if not text or not unet:
+        raise UserError("concept file lacks its text-encoder or UNet LoRA tensors")
+    rank = lora_rank_of(tensors)
+    if base is None:
+        return
+    dim = base.text_encoder.get_input_embeddings().weight.shape[1] if hasattr(base.text_encoder, "get_input_embeddings") else None
+    if dim is not None and embeddings.shape[2] != dim:
+        raise UserError(f"concept embeddings are {embeddings.shape[2]}-d; this base's text encoder uses {dim}-d")
+    for prefix, model, part in (("text_encoder", base.text_encoder, text), ("unet", base.unet, unet)):
+        modules = dict(model.named_modules())
+        for key, value in part.items():
+            module_name = key.rsplit(".lora_", 1)[0]
+            module = modules.get(module_name) or modules.get(module_name + ".base_layer")
+            linear = getattr(module, "base_layer", module)
+            if linear is None or not hasattr(linear, "in_features"):
+                raise UserError(f"concept tensor {prefix}.{key} names a layer this base model does not have")
+            expected = (rank, linear.in_features) if ".lora_A." in key else (linear.out_features, rank)
+            if tuple(value.shape) != expected:
+                raise UserError(f"concept tensor {prefix}.{key} has shape {tuple(value.shape)}; this base needs {expected}")
+
+
+def apply_concept(base, name: str, tensors: dict[str, torch.Tensor], lora_scale: float = 1.0) -> None:
+    """Load concept `name` into `base`: its tokens into the text encoder, its LoRA as adapter `name`.
+
+    `lora_scale` multiplies the LoRA deltas (Mix-of-Show suggests 0.7 for one ED-LoRA at inference).
+    LoRA weights are kept in fp32; peft computes the adapter branch in that precision.
+    """
+    check_concept_tensors(tensors, base)
+    embeddings, text, unet = split_state_dict(tensors)
+    ensure_layerwise(base)
+    add_concept_tokens(base.tokenizer, base.text_encoder, name, embeddings)
+    rank = lora_rank_of(tensors)
+    for model, part, targets in ((base.text_encoder, text, TEXT_ENCODER_TARGETS), (base.unet, unet, UNET_TARGETS)):
+        add_lora(model, name, targets, rank)
+        scaled = {k: (v * lora_scale if ".lora_B." in k else v).to(base.device, torch.float32) for k, v in part.items()}
+        result = set_peft_model_state_dict(model, scaled, adapter_name=name)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise UserError(f"concept <{name}> has LoRA weights for layers this base does not have, e.g. {missing[0]}")
+        for param in lora_parameters(model, name):
+            param.data = param.data.float()
+            param.requires_grad_(False)

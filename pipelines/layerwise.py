@@ -1,0 +1,204 @@
+"""Layer-wise prompt encoding (P+ / ED-LoRA, Mix-of-Show section 3.3.1).
+
+A concept is two new words, V_rand and V_class, each with one embedding per UNet cross-attention
+layer (16 in SD1.5: 6 down, 1 mid, 9 up, in that order). A prompt that names a concept, written
+`<mochi>`, is encoded 16 times; in copy l the concept becomes its two layer-l tokens. Cross-attention
+layer l then reads copy l.
+
+Layout: the 16 encodings travel through the UNet as one tensor `[B, 16 * 77, d]` (copy l is the
+sequence slice `l*77 : (l+1)*77`), and `LayerwiseAttnProcessor` on layer l takes its slice. The
+UNet's own call signature is untouched, so every sampler and trainer works with it unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+NUM_LAYERS = 16  # cross-attention layers of the SD1.5 UNet
+WORDS = ("r", "c")  # V_rand, V_class
+CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]*)>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and prompts
+
+
+def concept_tokens(name: str) -> list[str]:
+    """The 32 tokenizer tokens of a concept, word-major: V_rand layers 0..15, then V_class 0..15."""
+    return [f"<{name}-{word}{layer}>" for word in WORDS for layer in range(NUM_LAYERS)]
+
+
+def concepts_in(prompt: str) -> list[str]:
+    """Names of the concepts a prompt refers to as `<name>`, in order of first appearance."""
+    names: list[str] = []
+    for match in CONCEPT_REF.finditer(prompt):
+        if match.group(1) not in names:
+            names.append(match.group(1))
+    return names
+
+
+def expand_prompt(prompt: str, layer: int, known: set[str] | dict) -> str:
+    """Copy `layer` of a prompt: each `<name>` becomes its two layer-`layer` tokens."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in known:
+            raise UserError(f"unknown concept <{name}> in prompt {prompt!r}; known: {', '.join(sorted(known)) or 'none'}")
+        return f"<{name}-r{layer}> <{name}-c{layer}>"
+
+    return CONCEPT_REF.sub(replace, prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The concept token table
+
+
+class ConceptTokenTable(nn.Module):
+    """CLIP's token embedding plus one `[2, 16, d]` block of vectors per concept.
+
+    It replaces the text encoder's input embeddings (`set_input_embeddings`). The base table stays frozen and untouched;
+    concept vectors live in their own parameters (trainable in training, fp32), so no optimizer
+    step can disturb a vocabulary row, and several concepts can sit side by side for sampling.
+    Token ids past the base vocabulary map to concept vectors in the order concepts were added.
+    """
+
+    def __init__(self, base_table: nn.Embedding):
+        super().__init__()
+        self.base_table = base_table
+        self.base_vocab = base_table.num_embeddings
+        self.concept_vectors = nn.ParameterDict()  # name -> [2, 16, d]
+        self.order: list[str] = []  # names in token-id order
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads the dtype/device from here
+        return self.base_table.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.base_table(input_ids.clamp(max=self.base_vocab - 1))
+        if not self.order:
+            return embeds
+        extra = torch.cat([self.concept_vectors[name].flatten(0, 1) for name in self.order])  # [32 n, d]
+        rows = (input_ids - self.base_vocab).clamp(0, extra.shape[0] - 1)
+        is_base = (input_ids < self.base_vocab).unsqueeze(-1)
+        return torch.where(is_base, embeds, extra[rows].to(embeds.dtype))
+
+
+def token_table(text_encoder: nn.Module) -> ConceptTokenTable:
+    """The text encoder's ConceptTokenTable, installed on first use."""
+    table = text_encoder.get_input_embeddings()
+    if not isinstance(table, ConceptTokenTable):
+        table = ConceptTokenTable(table)
+        text_encoder.set_input_embeddings(table)
+    return table
+
+
+def add_concept_tokens(tokenizer, text_encoder: nn.Module, name: str, vectors: torch.Tensor) -> nn.Parameter:
+    """Register concept `name` with its `[2, 16, d]` vectors; returns the (fp32) parameter.
+
+    Adding a name that is already there replaces its vectors and keeps its token ids.
+    """
+    table = token_table(text_encoder)
+    dim = table.base_table.embedding_dim
+    if tuple(vectors.shape) != (len(WORDS), NUM_LAYERS, dim):
+        raise UserError(f"concept <{name}> has embeddings of shape {tuple(vectors.shape)}, this base needs {(len(WORDS), NUM_LAYERS, dim)}")
+    param = nn.Parameter(vectors.detach().to(table.base_table.weight.device, torch.float32).clone())
+    if name not in table.order:
+        if len(tokenizer) != table.base_vocab + 2 * NUM_LAYERS * len(table.order):
+            raise UserError("the tokenizer and the text encoder disagree on the vocabulary size; reload the base model")
+        tokenizer.add_tokens(concept_tokens(name))
+        table.order.append(name)
+    ids = tokenizer.convert_tokens_to_ids(concept_tokens(name))
+    first = table.base_vocab + 2 * NUM_LAYERS * table.order.index(name)
+    if ids != list(range(first, first + 2 * NUM_LAYERS)):
+        raise RuntimeError(f"token ids of <{name}> are not contiguous from {first}: {ids[:3]}...")
+    table.concept_vectors[name] = param
+    return param
+
+
+def known_concepts(text_encoder: nn.Module) -> list[str]:
+    table = text_encoder.get_input_embeddings()
+    return list(table.order) if isinstance(table, ConceptTokenTable) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_layerwise(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> torch.Tensor:
+    """Encode prompts layer-wise: `[B, 16 * 77, d]`, copy l = the prompt with layer-l concept tokens.
+
+    A prompt without concepts is encoded once and repeated (the 16 copies are identical), which is
+    also how the negative prompt is treated in Mix-of-Show.
+    """
+    known = set(known_concepts(text_encoder))
+    device = text_encoder.device
+    texts: list[str] = []
+    for prompt in prompts:
+        if concepts_in(prompt):
+            texts += [expand_prompt(prompt, layer, known) for layer in range(NUM_LAYERS)]
+        else:
+            texts.append(prompt)
+    ids = tokenizer(texts, padding="max_length", max_length=text_encoder.config.max_position_embeddings, truncation=True, return_tensors="pt").input_ids
+    hidden = text_encoder(ids.to(device))[0]  # [n_texts, 77, d]
+    out, i = [], 0
+    for prompt in prompts:
+        if concepts_in(prompt):
+            out.append(hidden[i : i + NUM_LAYERS].flatten(0, 1))  # [16 * 77, d]
+            i += NUM_LAYERS
+        else:
+            out.append(hidden[i].repeat(NUM_LAYERS, 1))
+            i += 1
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def cross_attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The UNet's cross-attention modules (attn2) in ED-LoRA's order: down blocks, mid, up blocks.
+
+    The order is spelled out because `named_modules()` visits `up_blocks` before `mid_block` in
+    diffusers' UNet2DConditionModel (it registers them in that order); Mix-of-Show does the same.
+    """
+    layers = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        for name, module in getattr(unet, part).named_modules():
+            if name.endswith("attn2"):
+                layers.append((f"{part}.{name}", module))
+    if len(layers) != NUM_LAYERS:
+        raise UserError(f"this base model has {len(layers)} cross-attention layers; ED-LoRA needs an SD1.x UNet with {NUM_LAYERS}")
+    return layers
+
+
+class LayerwiseAttnProcessor:
+    """Cross-attention for layer l: attend to copy l of the layer-wise prompt, then as usual (SDPA)."""
+
+    def __init__(self, layer: int):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.layer = layer
+        self.attention = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        context = select_layer(encoder_hidden_states, self.layer)
+        return self.attention(attn, hidden_states, context, attention_mask, temb)
+
+
+def select_layer(encoder_hidden_states: torch.Tensor, layer: int) -> torch.Tensor:
+    """Copy `layer` of a layer-wise encoding: `[B, 16 * S, d] -> [B, S, d]`."""
+    batch, length, dim = encoder_hidden_states.shape
+    if length % NUM_LAYERS:
+        raise ValueError(f"layer-wise encoder states need a length divisible by {NUM_LAYERS}, got {length}")
+    return encoder_hidden_states.view(batch, NUM_LAYERS, length // NUM_LAYERS, dim)[:, layer]
+
+
+def install_layerwise_attention(unet: nn.Module) -> None:
+    """Give cross-attention layer l a LayerwiseAttnProcessor(l); self-attention is untouched."""
+    for layer, (_, module) in enumerate(cross_attention_layers(unet)):
+        module.set_processor(LayerwiseAttnProcessor(layer))

@@ -1,0 +1,507 @@
+"""ED-LoRA training of one concept (Mix-of-Show, Gu et al. 2023, section 3.3.1).
+
+Faithful to Mix-of-Show's `[main]` recipe (see shared/research/mix_of_show.md section 1):
+two new words per concept, V_rand (N(0, 0.013^2), one draw shared by its 16 layers) and V_class
+(the class word's embedding), 16 layer-wise embeddings each; LoRA rank 4, scale 1.0, on CLIP
+attention q/k/v/out and UNet attn1+attn2 q/k/v/out; AdamW (wd 0.01) with lr 1e-3 embeddings, 1e-5
+text-encoder LoRA, 1e-4 UNet LoRA, linear decay to 0 without warm-up; epsilon MSE with noise offset
+0.01, per-pixel loss weighted by a mask (the subject mask when given, else the pasted area of the
+augmented canvas) and normalised by its sum; embeddings frozen once their mean norm reaches 0.55.
+Data: crop-and-paste augmentation (Mix-of-Show's HumanResizeCropFinalV3) and object prompt
+templates. Steps default to 500 examples per photo, Mix-of-Show's `dataset_enlarge_ratio`.
+
+Frozen weights stay in the base's dtype (half precision on GPUs); only trainable tensors are fp32.
+All randomness comes from `seed` through one Python RNG and one torch generator, both saved in
+checkpoints, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .base import BaseModel
+from .concept import Concept, check_class_word, check_name
+from .edlora import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    add_lora,
+    concept_state_dict,
+    lora_parameters,
+    set_active_adapters,
+)
+from .errors import Cancelled, UserError
+from .layerwise import NUM_LAYERS, add_concept_tokens, encode_layerwise, install_layerwise_attention
+from .sample import SampleConfig, sample_loaded
+
+logger = logging.getLogger(__name__)
+
+# Textual Inversion's object templates (Gal et al. 2022), Mix-of-Show's `object` list.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+)
+EXAMPLES_PER_PHOTO = 500  # Mix-of-Show's dataset_enlarge_ratio
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one ED-LoRA training run; saved in the concept's record and its checkpoints."""
+
+    name: str  # concept name; prompts use it as <name>
+    class_word: str  # one word, e.g. "dog"; V_class starts from its embedding
+    steps: int | None = None  # None: 500 examples per photo / batch_size (Mix-of-Show)
+    batch_size: int = 2
+    resolution: int | None = None  # training image side in pixels; None: the base's native size
+    rank: int = 4  # LoRA rank
+    lr_embedding: float = 1e-3
+    lr_text_lora: float = 1e-5
+    lr_unet_lora: float = 1e-4
+    weight_decay: float = 0.01
+    noise_offset: float = 0.01  # "crucial for stable identity" (Mix-of-Show)
+    emb_norm_stop: float = 0.55  # freeze embeddings once their mean L2 norm reaches this
+    rand_init_std: float = 0.013  # V_rand initial scale
+    crop_probability: float = 0.5  # chance of a random crop before paste (HumanResizeCropFinalV3)
+    seed: int = 0
+    checkpoint_every: int = 200  # steps between checkpoints (0: none); also written on cancel
+    preview_every: int = 0  # steps between preview samples sent to the callback (0: none)
+    preview_steps: int = 20  # denoising steps of a preview sample
+
+
+@dataclass
+class TrainProgress:
+    """What the callback receives after every step."""
+
+    step: int
+    total: int
+    loss: float
+    eta_seconds: float
+    embedding_norm: float
+    embeddings_frozen: bool
+    preview: Image.Image | None = None
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    tensors: dict[str, torch.Tensor]  # what concept.safetensors holds
+    preview: Image.Image | None
+    losses: list[float] = field(default_factory=list)
+    embeddings_frozen_at: int | None = None  # step at which the norm stop fired
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos
+
+
+def image_extensions() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def find_photos(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Expand folders (their image files, sorted) and keep files; error if nothing is left."""
+    photos: list[Path] = []
+    extensions = image_extensions()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            photos += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        elif path.is_file():
+            photos.append(path)
+        else:
+            raise UserError(f"--images {str(item)!r} does not exist")
+    if not photos:
+        raise UserError(f"no images found in {', '.join(str(i) for i in inputs)}; add JPEG/PNG/WebP photos of the subject")
+    return photos
+
+
+def load_photo(path: str | os.PathLike) -> Image.Image:
+    """Open any image PIL reads, apply its EXIF orientation, and convert to RGB (alpha onto white)."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {str(path)!r}: {error}; remove it or replace it with a JPEG or PNG") from None
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_mask(path: str | os.PathLike) -> Image.Image:
+    """A subject mask: white (>127) marks the subject. Any image PIL reads."""
+    try:
+        with Image.open(path) as opened:
+            mask = ImageOps.exif_transpose(opened).convert("L")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(f"cannot read mask {str(path)!r}: {error}") from None
+    return mask.point(lambda v: 255 if v > 127 else 0)
+
+
+def find_masks(mask_dir: str | os.PathLike, photos: list[Path]) -> list[Path]:
+    """The mask for each photo: the file in `mask_dir` with the same stem."""
+    folder = Path(mask_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--masks {str(mask_dir)!r} is not a folder")
+    by_stem = {p.stem: p for p in folder.iterdir() if p.is_file()}
+    masks = []
+    for photo in photos:
+        if photo.stem not in by_stem:
+            raise UserError(f"no mask for photo {photo.name} in {folder} (expected a file named {photo.stem}.png)")
+        masks.append(by_stem[photo.stem])
+    return masks
+
+
+def load_training_set(photo_paths: list[Path], mask_paths: list[Path] | None = None) -> tuple[list[Image.Image], list[Image.Image] | None]:
+    photos = [load_photo(p) for p in photo_paths]
+    masks = None
+    if mask_paths is not None:
+        masks = [load_mask(p) for p in mask_paths]
+        for photo, mask, path in zip(photos, masks, mask_paths):
+            if mask.size != photo.size:
+                raise UserError(f"mask {path.name} is {mask.size[0]}x{mask.size[1]}, its photo {photo.size[0]}x{photo.size[1]}")
+            if not np.asarray(mask).any():
+                raise UserError(f"mask {path.name} is empty (all black); the subject must be white")
+    if len(photos) < 3:
+        warnings.warn(f"only {len(photos)} photo(s): identity is learned better from 3 or more", stacklevel=2)
+    return photos, masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and captions
+
+
+def resize_crop_paste(image: Image.Image, mask: Image.Image | None, size: int, crop_probability: float, rng: random.Random):
+    """Mix-of-Show's HumanResizeCropFinalV3 on a photo and its subject mask.
+
+    1. Resize the short side to `size`. 2. With probability `crop_probability` crop: a portrait keeps
+    its top part with a random height in [w, h] (keeps the head), a landscape gets a random
+    `size`-wide crop. 3. Resize the long side to `size` and paste at a random offset on a black
+    `size` x `size` canvas. Returns (canvas, subject mask or None, pasted-area mask), all PIL.
+    """
+    w, h = image.size
+    scale = size / min(w, h)
+    w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    mask = mask.resize((w, h), Image.NEAREST) if mask is not None else None
+    if rng.random() < crop_probability:
+        if h > w:
+            keep = rng.randint(w, h)
+            box = (0, 0, w, keep)
+        else:
+            left = rng.randint(0, w - size)
+            box = (left, 0, left + size, h)
+        image = image.crop(box)
+        mask = mask.crop(box) if mask is not None else None
+        w, h = image.size
+    scale = size / max(w, h)
+    w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    mask = mask.resize((w, h), Image.NEAREST) if mask is not None else None
+    x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(image, (x, y))
+    pasted = Image.new("L", (size, size))
+    pasted.paste(255, (x, y, x + w, y + h))
+    subject = None
+    if mask is not None:
+        subject = Image.new("L", (size, size))
+        subject.paste(mask, (x, y))
+    return canvas, subject, pasted
+
+
+def to_tensors(canvas: Image.Image, loss_mask: Image.Image, latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [-1, 1] `[3, S, S]` and the loss mask nearest-downsampled to `[1, s, s]`."""
+    pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    mask = torch.from_numpy((np.asarray(loss_mask.resize((latent_size, latent_size), Image.NEAREST)) > 127).astype(np.float32))
+    return pixels, mask[None]
+
+
+def caption(name: str, rng: random.Random) -> str:
+    return rng.choice(OBJECT_TEMPLATES).format(f"<{name}>")
+
+
+def default_steps(photo_count: int, batch_size: int) -> int:
+    """Mix-of-Show's schedule: 500 examples per photo (e.g. 5 photos at batch 2: 1250 steps)."""
+    return math.ceil(EXAMPLES_PER_PHOTO * photo_count / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over masked pixels, normalised by the mask's area, averaged over the batch.
+
+    prediction, target: [B, C, h, w]; mask: [B, 1, h, w] of 0/1.
+    """
+    per_pixel = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=1, keepdim=True)
+    return ((per_pixel * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1.0)).mean()
+
+
+def embedding_norm(vectors: torch.Tensor) -> float:
+    """Mean L2 norm of a concept's 32 layer-wise vectors ([2, 16, d])."""
+    return vectors.detach().float().norm(dim=-1).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _class_embedding(base: BaseModel, class_word: str) -> torch.Tensor:
+    ids = base.tokenizer(class_word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise UserError(f"class word {class_word!r} is {len(ids)} tokens for CLIP; choose a common single word (dog, cat, bird...)")
+    table = base.text_encoder.get_input_embeddings()
+    base_table = getattr(table, "base_table", table)
+    return base_table.weight[ids[0]].detach().float().cpu()
+
+
+def _check_config(config: TrainConfig, photo_count: int) -> TrainConfig:
+    check_name(config.name)
+    class_word = check_class_word(config.class_word)
+    if photo_count < 1:
+        raise UserError("no photos given; upload at least one photo of the subject (3 or more is better)")
+    for label, value in (("batch size", config.batch_size), ("rank", config.rank)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{label} must be a positive integer, got {value}")
+    if config.steps is not None and config.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {config.steps}")
+    for label, value in (("lr_embedding", config.lr_embedding), ("lr_text_lora", config.lr_text_lora), ("lr_unet_lora", config.lr_unet_lora)):
+        if not value >= 0:
+            raise UserError(f"{label} must be 0 or more, got {value}")
+    steps = config.steps or default_steps(photo_count, config.batch_size)
+    return replace(config, class_word=class_word, steps=steps)
+
+
+def _trainable_state(vectors: torch.Tensor, text_params: list, unet_params: list) -> dict[str, torch.Tensor]:
+    state = {"embeddings": vectors.detach().clone()}
+    state.update({f"text.{i}": p.detach().clone() for i, p in enumerate(text_params)})
+    state.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(unet_params)})
+    return state
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train_concept(
+    base: BaseModel,
+    photos: list[Image.Image],
+    config: TrainConfig,
+    masks: list[Image.Image] | None = None,
+    callback: Callable[[TrainProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train one ED-LoRA concept on `photos`; the concept stays loaded in `base` under its name.
+
+    Args:
+        base: the base model; frozen weights are used in its dtype.
+        photos: RGB images of the subject (see `load_training_set`).
+        config: TrainConfig; `steps=None` picks Mix-of-Show's default for the photo count.
+        masks: optional subject masks, one per photo (white = subject) for the masked loss.
+        callback: called after every step with a TrainProgress.
+        cancel: set it to stop; a checkpoint is written first and Cancelled is raised.
+        checkpoint_dir: where checkpoints go (every `checkpoint_every` steps and on cancel).
+        resume: continue from the checkpoint in `checkpoint_dir` if there is one.
+    """
+    # 1. Check inputs
+    config = _check_config(config, len(photos))
+    if masks is not None and len(masks) != len(photos):
+        raise UserError(f"{len(masks)} masks for {len(photos)} photos; give one mask per photo")
+    resolution = config.resolution or base.native_resolution
+    if resolution % (base.vae_scale_factor * 8):
+        raise UserError(f"--resolution {resolution} must be a multiple of {base.vae_scale_factor * 8}")
+    latent_size = resolution // base.vae_scale_factor
+    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+
+    # 2. Concept tokens and LoRA adapters, all randomness from the seed
+    torch.manual_seed(config.seed)  # peft's Kaiming init of lora_A draws from the global RNG
+    rng = random.Random(config.seed)
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    v_rand = torch.randn(base.text_encoder.get_input_embeddings().weight.shape[1], generator=generator) * config.rand_init_std
+    v_class = _class_embedding(base, config.class_word)
+    init = torch.stack([v_rand.expand(NUM_LAYERS, -1), v_class.expand(NUM_LAYERS, -1)])  # [2, 16, d]
+    vectors = add_concept_tokens(base.tokenizer, base.text_encoder, config.name, init)
+    install_layerwise_attention(base.unet)
+    adapter = config.name
+    for model, targets in ((base.text_encoder, TEXT_ENCODER_TARGETS), (base.unet, UNET_TARGETS)):
+        add_lora(model, adapter, targets, config.rank)
+        set_active_adapters(model, [adapter])
+    text_params = lora_parameters(base.text_encoder, adapter)
+    unet_params = lora_parameters(base.unet, adapter)
+    for param in text_params + unet_params:
+        param.data = param.data.float()  # fp32 master copies of what trains; frozen weights stay half
+        param.requires_grad_(True)
+    vectors.requires_grad_(True)
+
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [vectors], "lr": config.lr_embedding},
+            {"params": text_params, "lr": config.lr_text_lora},
+            {"params": unet_params, "lr": config.lr_unet_lora},
+        ],
+        betas=(0.9, 0.999),
+        weight_decay=config.weight_decay,
+    )
+    total = config.steps
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    step, losses, frozen_at = 0, [], None
+
+    # 3. Resume
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in payload["config"].items() if k not in ("steps", "checkpoint_every", "preview_every")}
+        if saved != {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "preview_every")}:
+            raise UserError(f"the checkpoint in {checkpoint_dir} was made with other settings; train without --resume to start over")
+        with torch.no_grad():
+            vectors.copy_(payload["trainable"]["embeddings"])
+            for i, p in enumerate(text_params):
+                p.copy_(payload["trainable"][f"text.{i}"])
+            for i, p in enumerate(unet_params):
+                p.copy_(payload["trainable"][f"unet.{i}"])
+        optimizer.load_state_dict(payload["optimizer"])
+        lr_schedule.load_state_dict(payload["lr_schedule"])
+        rng.setstate(payload["python_rng"])
+        generator.set_state(payload["torch_rng"])
+        step, losses, frozen_at = payload["step"], payload["losses"], payload["frozen_at"]
+        if frozen_at is not None:
+            vectors.requires_grad_(False)
+        logger.info("resumed %s at step %d of %d", config.name, step, total)
+
+    def checkpoint() -> None:
+        if checkpoint_path is None:
+            return
+        _save_checkpoint(checkpoint_path, {
+            "config": asdict(config), "step": step, "losses": losses, "frozen_at": frozen_at,
+            "trainable": _trainable_state(vectors, text_params, unet_params),
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "python_rng": rng.getstate(), "torch_rng": generator.get_state(),
+        })
+
+    # 4. The loop
+    base.unet.train()  # no dropout in SD; train() only matters for modules that check it
+    started, start_step = time.perf_counter(), step
+    while step < total:
+        if cancel is not None and cancel.is_set():
+            checkpoint()
+            raise Cancelled(f"training of {config.name} cancelled at step {step} of {total}")
+        # 4a. A batch: random photos, augmented, with captions from templates
+        pixels, loss_masks, prompts = [], [], []
+        for _ in range(config.batch_size):
+            index = rng.randrange(len(photos))
+            canvas, subject, pasted = resize_crop_paste(photos[index], masks[index] if masks else None, resolution, config.crop_probability, rng)
+            image_tensor, mask_tensor = to_tensors(canvas, subject if subject is not None else pasted, latent_size)
+            pixels.append(image_tensor)
+            loss_masks.append(mask_tensor)
+            prompts.append(caption(config.name, rng))
+        pixels = torch.stack(pixels).to(base.device, base.dtype)
+        loss_mask = torch.stack(loss_masks).to(base.device)
+
+        # 4b. Diffusion loss
+        with torch.no_grad():
+            posterior = base.vae.encode(pixels).latent_dist
+            latents = posterior.sample(generator=generator).float() * base.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+        noise = noise.to(base.device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(base.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
+        prediction = base.unet(noisy.to(base.dtype), timesteps, encoder_hidden_states=context.to(base.dtype)).sample
+        loss = masked_mse(prediction, target, loss_mask)
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rates")
+
+        # 4c. Update
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        step += 1
+        losses.append(loss.item())
+        norm = embedding_norm(vectors)
+        if frozen_at is None and norm >= config.emb_norm_stop:
+            frozen_at = step  # Mix-of-Show: stop the embeddings, keep training the LoRA
+            vectors.requires_grad_(False)
+            vectors.grad = None
+
+        # 4d. Report, preview, checkpoint
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            checkpoint()
+        preview = None
+        if config.preview_every and step % config.preview_every == 0:
+            preview = _preview(base, config)
+        if callback is not None:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (step - start_step) * (total - step)
+            callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
+
+    # 5. Wrap up: the concept's tensors and a preview sample
+    base.unet.eval()
+    vectors.requires_grad_(False)
+    for param in text_params + unet_params:
+        param.requires_grad_(False)
+    preview = _preview(base, config)
+    concept = Concept(
+        name=config.name,
+        class_word=config.class_word,
+        base_model=base.name,
+        fingerprint=base.fingerprint,
+        photo_count=len(photos),
+        settings={**asdict(config), "resolution": resolution, "embeddings_frozen_at": frozen_at, "final_loss": losses[-1] if losses else None},
+        is_test_model=base.is_test_model,
+    )
+    if checkpoint_path is not None and checkpoint_path.exists():
+        checkpoint_path.unlink()
+    return TrainResult(
+        concept=concept,
+        tensors=concept_state_dict(base, adapter, vectors),
+        preview=preview,
+        losses=losses,
+        embeddings_frozen_at=frozen_at,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _preview(base: BaseModel, config: TrainConfig) -> Image.Image:
+    """One sample of "a photo of <name>" with the concept as it is now."""
+    was_training = base.unet.training
+    base.unet.eval()
+    image = sample_loaded(base, SampleConfig(prompt=f"a photo of <{config.name}>", steps=config.preview_steps, seed=config.seed))[0]
+    base.unet.train(was_training)
+    return image
