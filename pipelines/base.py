@@ -134,50 +134,61 @@ def write_clip_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random SD1.5-structured model as a standard diffusers folder.
+# Random-weight architectures: "tiny" for tests and offline demos, "sd15" (full SD1.5 size) for
+# GPU benchmarks, whose FLOPs and memory equal those of real weights.
+ARCHITECTURES = {
+    "tiny": dict(
+        unet=dict(sample_size=8, block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                  attention_head_dim=4),  # diffusers' legacy name: 4 heads, as SD1.5's 8 means 8 heads
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "sd15": dict(
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, cross_attention_dim=768,
+                  attention_head_dim=8),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    ),
+}
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, architecture: str = "tiny") -> Path:
+    """Write a random-weight SD1.5-structured model as a standard diffusers folder.
 
     UNet: SD1.5's blocks (3 cross-attention down blocks + 1 plain, mid block, 1 plain + 3
     cross-attention up blocks, 2 layers per down block, 3 per up block), so it has the same 16
-    cross-attention layers in the same order, at 1/10 of the channels. VAE: downsampling factor 8
-    like SD's. Text encoder: a 2-layer CLIP with the real 49408-token vocabulary and tokenizer.
-    Deterministic for `seed`. Images it makes are noise.
+    cross-attention layers in the same order; "tiny" has 1/10 of the channels. VAE: downsampling
+    factor 8 like SD's. Text encoder: CLIP with the real 49408-token vocabulary and tokenizer (2
+    layers of width 32 for "tiny"). Deterministic for `seed`. Images it makes are noise.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}")
+    sizes = ARCHITECTURES[architecture]
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
         layers_per_block=2,
-        block_out_channels=(32, 32, 64, 64),
-        norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=4,  # diffusers' legacy name: 4 heads, as SD1.5's 8 means 8 heads
+        **sizes["unet"],
     )
     vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
         latent_channels=4,
-        sample_size=64,
+        **sizes["vae"],
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
+            **sizes["text"],
         )
     )
     # SD1.5's noise schedule, as in its scheduler_config.json
@@ -196,7 +207,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         staging = Path(tmp) / "model"
         pipe.save_pretrained(staging)
         write_clip_tokenizer_files(staging / "tokenizer")  # the real CLIP files beside tokenizer.json
-        (staging / TEST_MODEL_MARKER).write_text(json.dumps({"kind": "tiny random test model", "seed": seed, "note": TEST_MODEL_NOTE}))
+        (staging / TEST_MODEL_MARKER).write_text(json.dumps({"kind": f"random test model ({architecture})", "seed": seed, "note": TEST_MODEL_NOTE}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ peft's key names (e.g. `...self_attn.q_proj.lora_A.weight`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -40,7 +42,9 @@ def add_lora(model: torch.nn.Module, adapter: str, targets: str, rank: int = LOR
     peft's `inject_adapter_in_model` works the same on diffusers and transformers models.
     """
     remove_lora(model, adapter)
-    inject_adapter_in_model(lora_config(targets, rank), model, adapter_name=adapter)
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(lora_config(targets, rank), model, adapter_name=adapter)
 
 
 def remove_lora(model: torch.nn.Module, adapter: str) -> None:
