@@ -3,7 +3,8 @@
     tiny-model DIR                       write the tiny random test model
     train --base B --images DIR ...      train an ED-LoRA concept into the library
     concepts list|show|rename|delete|export|import
-    generate --prompt "... <mochi> ..."  sample an image (PNG with its settings)
+    generate --prompt "... <mochi> ..."  sample an image (PNG with its settings), optionally with regions
+    fuse --concepts mochi,tama           fuse concepts into one model (gradient fusion or weight averaging)
 
 A user error prints one line and exits with status 2; Ctrl-C during training writes a checkpoint
 (resume with --resume) and exits with status 130.
@@ -140,11 +141,46 @@ def cmd_concepts(args) -> None:
         print(f"imported <{concept.name}> ({concept.class_word}) into {library.root}")
 
 
+def cmd_fuse(args) -> None:
+    from tqdm import tqdm
+
+    from .base import load_base
+    from .concept import ConceptLibrary
+    from .fusion import FusionConfig, fuse_concepts
+
+    library = ConceptLibrary(args.library)
+    names = [n.strip() for n in args.concepts.split(",") if n.strip()]
+    for name in names:
+        library.get(name)  # unknown concepts fail before the model loads
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    bar = tqdm(total=0, desc="fusing", unit="pass", dynamic_ncols=True)
+
+    def report(stage: str, done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.set_description(stage[:60])
+        bar.refresh()
+
+    cancel = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        fused = fuse_concepts(base, library, names, FusionConfig(method=args.method), out_dir=args.out, callback=report, cancel=cancel)
+    finally:
+        bar.close()
+    print(f"fused {', '.join('<' + n + '>' for n in names)} with {fused.method} fusion into {fused.folder}")
+    for name, row in fused.report.get("summary", {}).items():
+        print(f"  <{name}>: mean relative output error {row['mean_relative_error']:.4f}"
+              f" (weight averaging {row['weight_average_mean_relative_error']:.4f})")
+    if args.report:
+        Path(args.report).write_text(json.dumps(fused.report, indent=1, sort_keys=True) + "\n")
+        print(f"wrote report {args.report}")
+
+
 def cmd_generate(args) -> None:
     from .base import TEST_MODEL_NOTE, load_base
     from .concept import ConceptLibrary
     from .errors import UserError
-    from .sample import SampleConfig, generate, save_png
+    from .regional import load_regions, parse_region
+    from .sample import SampleConfig, check_size, generate, save_png
 
     config = SampleConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -154,9 +190,15 @@ def cmd_generate(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out!r} must be a .png file")
+    regions = [parse_region(text) for text in args.region or []]
+    if args.regions:
+        regions += load_regions(args.regions)
+    for value in (args.width, args.height):
+        if value is not None:
+            check_size(value, value)
     library = ConceptLibrary(args.library)
     base = load_base(args.base, device=args.device, dtype=args.dtype)
-    result = generate(base, library, config)
+    result = generate(base, library, config, regions=regions, fused=args.fused)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
         save_png(image, path, {**result.metadata, "seed": config.seed, "index": i})
@@ -250,8 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "euler"])
-    p.add_argument("--lora-scale", type=float, default=0.7, help="strength of a concept's LoRA (Mix-of-Show: 0.7)")
+    p.add_argument("--lora-scale", type=float, default=0.7, help="strength of a single concept's LoRA (Mix-of-Show: 0.7)")
+    p.add_argument("--fused", default=None, help="fused model folder (from `fuse`); without it several concepts are fused on the fly")
+    p.add_argument("--region", action="append", help="'x0,y0,x1,y1|prompt|negative' box in pixels; repeat for more regions")
+    p.add_argument("--regions", default=None, help="JSON file: [{\"box\": [x0,y0,x1,y1], \"prompt\": ..., \"negative_prompt\": ...}]")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fuse", help="fuse several concepts into one model (Mix-of-Show gradient fusion, solved exactly)")
+    model_flags(p)
+    library_flag(p)
+    p.add_argument("--concepts", required=True, help="comma-separated concept names, e.g. mochi,tama")
+    p.add_argument("--method", default="gradient", choices=["gradient", "weight"], help="gradient fusion (default) or weight averaging")
+    p.add_argument("--out", default=None, help="folder for the fused model (default: cached in <library>/.fused/<hash>)")
+    p.add_argument("--report", default=None, help="also write the fusion report (JSON) here")
+    p.set_defaults(func=cmd_fuse)
     return parser
 
 

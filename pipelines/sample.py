@@ -112,8 +112,12 @@ def denoise(
     scheduler_name: str = "dpm++",
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d])."""
+    """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d]).
+
+    `cross_attention_kwargs` reach the attention processors (regional sampling passes its regions).
+    """
     scheduler = make_scheduler(scheduler_name, base.scheduler_config)
     scheduler.set_timesteps(steps, device=base.device)
     latents = latents * scheduler.init_noise_sigma
@@ -122,7 +126,8 @@ def denoise(
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling cancelled")
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
+        noise = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context,
+                          cross_attention_kwargs=cross_attention_kwargs).sample.float()
         noise_uncond, noise_cond = noise.chunk(2)
         noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
@@ -136,15 +141,32 @@ def sample_loaded(
     config: SampleConfig,
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    regions: list | tuple = (),
 ) -> list[Image.Image]:
-    """Sample with whatever concepts are already loaded into `base` (used for training previews)."""
+    """Sample with whatever concepts are already loaded into `base` (optionally with regions)."""
+    from .regional import check_regions, install_regional_attention, region_masks, regional_context
+
     width, height = check_sample_config(config, base)
-    install_layerwise_attention(base.unet)
+    check_regions(list(regions), width, height)
     with torch.no_grad():
         cond = encode_layerwise(base.tokenizer, base.text_encoder, [config.prompt] * config.num_images)
         uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt] * config.num_images)
+        kwargs = None
+        if regions:
+            factor = base.vae_scale_factor
+            kwargs = {
+                "region_context": regional_context(base, list(regions), config.num_images).to(base.dtype),
+                "region_masks": region_masks(list(regions), width, height, height // factor, width // factor),
+            }
     latents = initial_latents(base, config.num_images, width, height, config.seed)
-    latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel)
+    if regions:
+        install_regional_attention(base.unet)
+    else:
+        install_layerwise_attention(base.unet)
+    try:
+        latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel, kwargs)
+    finally:
+        install_layerwise_attention(base.unet)
     return decode_latents(base, latents)
 
 
@@ -152,46 +174,67 @@ def generate(
     base: BaseModel,
     library,
     config: SampleConfig,
+    regions: list | tuple = (),
+    fused: str | os.PathLike | None = None,
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> SampleResult:
-    """Generate images for a prompt that may name one concept of `library` as `<name>`.
+    """Generate images; prompts (global and regional) name concepts of `library` as `<name>`.
+
+    One concept is loaded as its own ED-LoRA. Several concepts need one fused model: `fused` names a
+    fused model folder, or else the concepts are fused on the fly with gradient fusion (cached in the
+    library). Regions (see `regional.Region`) turn on regionally controllable sampling.
 
     Raises:
-        UserError: bad sizes or steps, an unknown concept, a concept from another architecture, or
-            several concepts (those need a fused model).
+        UserError: bad sizes, steps or boxes, an unknown concept, or a concept from another architecture.
     """
     from .concept import check_compatible
     from .edlora import apply_concept, set_active_adapters
+    from .fusion import fuse_concepts, load_fused
+    from .regional import check_regions, region_concepts, regions_metadata
 
-    # 1. Check inputs
-    check_sample_config(config, base)
-    names = concepts_in(config.prompt) + [n for n in concepts_in(config.negative_prompt) if n not in concepts_in(config.prompt)]
-    records = [library.get(name) for name in names]  # unknown names raise here, before any GPU work
-    for record in records:
-        check_compatible(record, base)
-    if len(records) > 1:
-        raise UserError(
-            f"the prompt names {len(records)} concepts ({', '.join(r.token for r in records)}); one plain prompt can"
-            f" use one concept. Several concepts need a fused model"
-        )
+    # 1. Check inputs, before any GPU work
+    width, height = check_sample_config(config, base)
+    regions = list(regions)
+    check_regions(regions, width, height)
+    names: list[str] = []
+    for name in concepts_in(config.prompt) + concepts_in(config.negative_prompt) + region_concepts(regions):
+        if name not in names:
+            names.append(name)
 
-    # 2. Load the concept (if any) and make it the only active one
-    for record in records:
-        apply_concept(base, record.name, library.weights(record.name), lora_scale=config.lora_scale)
-    for model in (base.text_encoder, base.unet):
-        set_active_adapters(model, names)
+    # 2. Load the concepts: a fused model, one ED-LoRA, or fuse on the fly
+    method = "regional" if regions else "plain"
+    fused_model = None
+    if fused is not None:
+        fused_model = load_fused(base, fused)
+        missing = [n for n in names if n not in fused_model.concepts]
+        if missing:
+            raise UserError(f"the fused model {fused} does not hold {', '.join('<' + n + '>' for n in missing)};"
+                            f" it holds {', '.join('<' + n + '>' for n in fused_model.concepts)}")
+    else:
+        records = [library.get(name) for name in names]  # unknown names raise here
+        for record in records:
+            check_compatible(record, base)
+        if len(records) == 1:
+            apply_concept(base, records[0].name, library.weights(records[0].name), lora_scale=config.lora_scale)
+            for model in (base.text_encoder, base.unet):
+                set_active_adapters(model, names)
+        elif len(records) > 1:
+            fused_model = fuse_concepts(base, library, names)
 
     # 3. Sample
     started = time.perf_counter()
-    images = sample_loaded(base, config, callback, cancel)
+    images = sample_loaded(base, config, callback, cancel, regions)
     metadata = {
         "app": "menagerie",
-        "method": "single-concept" if names else "base",
+        "method": method,
         **asdict(config),
-        "width": config.width or base.native_resolution,
-        "height": config.height or base.native_resolution,
+        "width": width,
+        "height": height,
+        "regions": regions_metadata(regions),
         "concepts": names,
+        "fused": str(fused_model.folder) if fused_model else None,
+        "fusion_method": fused_model.method if fused_model else None,
         "base_model": base.name,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -1,0 +1,492 @@
+"""Gradient fusion of ED-LoRA concepts (Mix-of-Show, Gu et al. 2023, section 3.3.2), solved exactly.
+
+For every LoRA'd linear layer with base weight W0 and concept deltas dW_i, Mix-of-Show minimises
+
+    sum_i || (W0 + dW_i) X_i - W X_i ||_F^2            (X_i: the layer's inputs under concept i)
+
+with LBFGS started at W0 (30-50 min for 14 concepts on an A100). Writing G_i = X_i X_i^T (the Gram
+matrix of the inputs, `in x in`), the normal equations are W sum_i G_i = sum_i (W0 + dW_i) G_i, and
+the solution closest to W0, which is where LBFGS from W0 converges, is
+
+    W = W0 + (sum_i dW_i G_i) (sum_i G_i)^+ .
+
+Eigen-directions of sum_i G_i with eigenvalue <= `rcond` * largest are treated as null (no concept
+showed input there): W keeps W0 along them. The Grams are accumulated by forward hooks while the
+activations stream by; activations are never stored. Inputs follow Mix-of-Show:
+  1. text encoder (q/k/v/out_proj): concept i's own model on "photo of a <c>" and "<c>", all 16
+     layer-wise variants, unpadded;
+  2. UNet cross-attention to_k/to_v of layer l: outputs of the *fused* text encoder for the same
+     prompts (variant l), at the concept-token and end-of-text positions;
+  3. the other UNet LoRA layers (attn1 q/k/v/out, attn2 q/out): one 20-step DPM-Solver++ sample per
+     concept (no CFG) with the fused text encoder and K/V, and concept i's own LoRA on these layers,
+     every step recorded.
+Token embeddings are not fused: each concept keeps its own tokens.
+
+The weight-average baseline (`method="weight"`, Mix-of-Show Eq. 2) is W = W0 + sum_i w_i dW_i, w_i = 1/n.
+A fused model is stored as only what changed: the fused layer weights and the concept token table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import BaseModel
+from .errors import Cancelled, UserError
+from .layerwise import NUM_LAYERS, add_concept_tokens, concept_tokens, expand_prompt, install_layerwise_attention
+from .edlora import apply_concept, lora_layers, set_active_adapters
+
+METHODS = ("gradient", "weight")
+FUSED_WEIGHTS = "fused.safetensors"
+FUSED_RECORD = "fused.json"
+REPORT_FILE = "report.json"
+FUSED_FORMAT = "menagerie-fused-v1"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = "gradient"  # "gradient" (exact gradient fusion) or "weight" (weight averaging)
+    rcond: float = 1e-6  # eigenvalues of sum G_i below rcond * largest count as zero
+    spatial_steps: int = 20  # denoising steps of the per-concept sample feeding the UNet spatial layers
+    seed: int = 0  # seed of those samples (Mix-of-Show leaves them unseeded)
+
+
+@dataclass
+class FusedModel:
+    folder: Path
+    concepts: list[str]
+    method: str
+    record: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: pure functions of tensors
+
+
+def gram_pinv(gram_sum: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
+    """(sum_i G_i)^+ in float64 through its eigen-decomposition; eigenvalues <= rcond * max are dropped."""
+    gram_sum = gram_sum.double()
+    gram_sum = (gram_sum + gram_sum.T) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_sum)
+    top = eigenvalues.max().clamp(min=0)
+    if top <= 0:
+        return torch.zeros_like(gram_sum)
+    keep = eigenvalues > rcond * top
+    kept = eigenvectors[:, keep]
+    return (kept / eigenvalues[keep]) @ kept.T
+
+
+def fuse_layer(w0: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor], rcond: float = 1e-6,
+               pinv: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact gradient fusion of one linear layer, in float64.
+
+    Args:
+        w0: base weight `[out, in]`.
+        deltas: concept deltas dW_i `[out, in]`.
+        grams: input Grams G_i = X_i X_i^T `[in, in]` (X_i: inputs as columns).
+        rcond: relative eigenvalue cutoff of (sum_i G_i)^+.
+        pinv: (sum_i G_i)^+ if already computed (layers sharing an input share it).
+    Returns:
+        W = W0 + (sum_i dW_i G_i)(sum_i G_i)^+, `[out, in]`, float64.
+    """
+    if len(deltas) != len(grams) or not deltas:
+        raise ValueError(f"need one Gram per delta, got {len(deltas)} deltas and {len(grams)} Grams")
+    if pinv is None:
+        pinv = gram_pinv(sum(g.double() for g in grams), rcond)
+    weighted = sum(d.double() @ g.double() for d, g in zip(deltas, grams))
+    return w0.double() + weighted @ pinv
+
+
+def weight_average(w0: torch.Tensor, deltas: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """Mix-of-Show's weight-fusion baseline: W0 + sum_i w_i dW_i (w_i = 1/n by default), float64."""
+    weights = weights or [1.0 / len(deltas)] * len(deltas)
+    return w0.double() + sum(w * d.double() for w, d in zip(weights, deltas))
+
+
+def relative_output_error(w: torch.Tensor, target: torch.Tensor, gram: torch.Tensor) -> float:
+    """||W X - T X|| / ||T X|| from the Gram alone: sqrt(tr(E G E^T) / tr(T G T^T)), E = W - T."""
+    error = (w.double() - target.double())
+    gram = gram.double()
+    numerator = torch.einsum("oi,ij,oj->", error, gram, error).clamp(min=0)
+    denominator = torch.einsum("oi,ij,oj->", target.double(), gram, target.double()).clamp(min=1e-300)
+    return float((numerator / denominator).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram accumulation with forward hooks
+
+
+def input_group(module_name: str) -> str:
+    """Layers that read the same input share a Gram: q/k/v of an attention (k/v only for attn2)."""
+    parent, leaf = module_name.rsplit(".", 1) if not module_name.endswith("to_out.0") else (module_name[: -len(".to_out.0")], "to_out.0")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{parent}.qkv"
+    if leaf in ("to_q", "to_k", "to_v"):
+        if parent.endswith("attn2") and leaf in ("to_k", "to_v"):
+            return f"{parent}.kv"  # cross-attention K/V read the text, to_q reads the image
+        return f"{parent}.qkv" if parent.endswith("attn1") else f"{parent}.q"
+    return module_name
+
+
+class GramRecorder:
+    """Accumulates G = sum_rows x^T x of the inputs of chosen layers, one Gram per input group."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._handles = []
+        for group, name in {input_group(n): n for n in sorted(modules)}.items():
+            self._handles.append(modules[name].register_forward_pre_hook(self._hook(group)))
+
+    def _hook(self, group: str):
+        def record(module, args, kwargs=None):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            gram = x.T @ x
+            if group in self.grams:
+                self.grams[group] += gram
+                self.rows[group] += x.shape[0]
+            else:
+                self.grams[group] = gram
+                self.rows[group] = x.shape[0]
+
+        return record
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return {k: v.double().cpu() for k, v in self.grams.items()}
+
+
+@contextmanager
+def recording(modules: dict[str, torch.nn.Module]):
+    recorder = GramRecorder(modules)
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Glue: concepts' deltas, activation passes, writing weights
+
+
+def concept_deltas(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """dW = B A (LoRA scale 1.0, alpha = rank) of every LoRA'd module under `prefix`, float64."""
+    deltas = {}
+    for key, down in tensors.items():
+        if key.startswith(prefix + ".") and key.endswith(".lora_A.weight"):
+            module = key[len(prefix) + 1 : -len(".lora_A.weight")]
+            up = tensors[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module] = up.double() @ down.double()
+    return deltas
+
+
+def linear_of(model: torch.nn.Module, name: str) -> torch.nn.Linear:
+    module = model.get_submodule(name)
+    return getattr(module, "base_layer", module)
+
+
+def _encode_unpadded(base: BaseModel, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = base.tokenizer(text, return_tensors="pt").input_ids.to(base.device)  # [1, T], no padding
+    return ids[0], base.text_encoder(ids)[0][0]  # ids [T], hidden [T, d]
+
+
+def fusion_prompts(name: str) -> list[str]:
+    return [f"photo of a <{name}>", f"<{name}>"]
+
+
+def _write_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        for name, weight in weights.items():
+            linear = linear_of(model, name)
+            linear.weight.copy_(weight.to(linear.weight.device, dtype))
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("fusion cancelled")
+
+
+def cache_key(base: BaseModel, library, names: list[str], config: FusionConfig) -> str:
+    """Hash of the base (name + architecture), every concept's weight file, and the fusion settings."""
+    digest = hashlib.sha256(f"{base.name}|{base.fingerprint}|{json.dumps(asdict(config), sort_keys=True)}".encode())
+    for name in names:
+        digest.update(name.encode())
+        with open(library.path(name) / "concept.safetensors", "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], grams: list[dict[str, torch.Tensor]],
+           config: FusionConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Fuse every layer in `w0s`; returns (fused weights, per-layer report)."""
+    fused, report, pinvs = {}, {}, {}
+    for name, w0 in w0s.items():
+        group = input_group(name)
+        layer_deltas = [d[name].to(device) for d in deltas]
+        layer_grams = [g[group].to(device) for g in grams]
+        w0 = w0.to(device).double()
+        average = weight_average(w0, layer_deltas)
+        if config.method == "gradient":
+            if group not in pinvs:
+                pinvs[group] = gram_pinv(sum(layer_grams), config.rcond)
+            w = fuse_layer(w0, layer_deltas, layer_grams, pinv=pinvs[group])
+        else:
+            w = average
+        fused[name] = w
+        report[name] = {
+            "method": [relative_output_error(w, w0 + d, g) for d, g in zip(layer_deltas, layer_grams)],
+            "weight": [relative_output_error(average, w0 + d, g) for d, g in zip(layer_deltas, layer_grams)],
+        }
+    return fused, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def fuse_concepts(
+    base: BaseModel,
+    library,
+    names: list[str],
+    config: FusionConfig = FusionConfig(),
+    out_dir: str | os.PathLike | None = None,
+    callback: Callable[[str, int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> FusedModel:
+    """Fuse concepts `names` of `library` into one model; cached under <library>/.fused/<hash>/.
+
+    Afterwards `base` *is* the fused model (weights written in place, all concept tokens loaded,
+    adapters off). `callback(stage, done, total)` reports progress; `cancel` stops between passes.
+    Raises UserError for unknown concepts, concepts of another architecture, or a bad method.
+    """
+    from .concept import check_compatible
+    from .sample import make_scheduler
+
+    # 1. Check inputs
+    if config.method not in METHODS:
+        raise UserError(f"--method {config.method!r} is not known; use gradient or weight")
+    if not names:
+        raise UserError("no concepts selected; name at least one concept to fuse, e.g. --concepts mochi,tama")
+    if len(set(names)) != len(names):
+        raise UserError(f"a concept is named twice in {', '.join(names)}")
+    records = [library.get(name) for name in names]
+    fingerprints = {r.fingerprint for r in records}
+    if len(fingerprints) > 1:
+        detail = ", ".join(f"{r.name} ({r.base_model})" for r in records)
+        raise UserError(f"cannot fuse concepts trained on different base models: {detail}")
+    for record in records:
+        check_compatible(record, base)
+    key = cache_key(base, library, names, config)
+    folder = Path(out_dir) if out_dir else library.root / ".fused" / key
+    if (folder / FUSED_RECORD).exists():
+        cached = json.loads((folder / FUSED_RECORD).read_text())
+        if cached.get("key") == key:
+            fused = load_fused(base, folder)
+            return fused
+
+    started = time.perf_counter()
+    tensors = [library.weights(name) for name in names]
+    for name, t in zip(names, tensors):
+        apply_concept(base, name, t, lora_scale=1.0)
+    install_layerwise_attention(base.unet)
+    text_deltas = [concept_deltas(t, "text_encoder") for t in tensors]
+    unet_deltas = [concept_deltas(t, "unet") for t in tensors]
+    text_layers = sorted(text_deltas[0])
+    kv_layers = sorted(n for n in unet_deltas[0] if input_group(n).endswith(".kv"))
+    spatial_layers = sorted(n for n in unet_deltas[0] if n not in kv_layers)
+    total = 3 * len(names) + 3
+    done = 0
+
+    def progress(stage: str) -> None:
+        nonlocal done
+        done += 1
+        if callback is not None:
+            callback(stage, done, total)
+
+    reports: dict[str, dict] = {}
+    with torch.no_grad():
+        # 2. Text encoder: each concept's own model on its two prompts, 16 variants each, unpadded
+        text_modules = {n: base.text_encoder.get_submodule(n) for n in text_layers}
+        text_grams = []
+        for name in names:
+            _check_cancel(cancel)
+            set_active_adapters(base.text_encoder, [name])
+            with recording(text_modules) as recorder:
+                for prompt in fusion_prompts(name):
+                    for layer in range(NUM_LAYERS):
+                        _encode_unpadded(base, expand_prompt(prompt, layer, set(names)))
+                text_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
+            progress(f"text encoder inputs of <{name}>")
+        set_active_adapters(base.text_encoder, [])
+        w0 = {n: linear_of(base.text_encoder, n).weight.detach().float().cpu() for n in text_layers}
+        fused_text, report = _solve(w0, text_deltas, text_grams, config, base.device)
+        reports.update({f"text_encoder.{k}": v for k, v in report.items()})
+        _write_weights(base.text_encoder, fused_text, base.dtype)
+        progress("text encoder fused")
+
+        # 3. UNet cross-attention K/V: fused text encoder outputs at concept tokens and end-of-text
+        attn2 = [name.rsplit(".", 1)[0] for name in kv_layers if name.endswith("to_k")]
+        from .layerwise import cross_attention_layers
+
+        order = [n for n, _ in cross_attention_layers(base.unet)]
+        if sorted(attn2) != sorted(order):
+            raise UserError("the concepts' LoRA layers do not cover the 16 cross-attention layers of this UNet")
+        kv_grams = []
+        for name in names:
+            _check_cancel(cancel)
+            ids_of_concept = set(base.tokenizer.convert_tokens_to_ids(concept_tokens(name)))
+            grams: dict[str, torch.Tensor] = {}
+            for prompt in fusion_prompts(name):
+                for layer, module_name in enumerate(order):
+                    ids, hidden = _encode_unpadded(base, expand_prompt(prompt, layer, set(names)))
+                    keep = torch.tensor([int(i) in ids_of_concept for i in ids.tolist()], device=hidden.device)
+                    eot = (ids == base.tokenizer.eos_token_id).nonzero()
+                    if len(eot):
+                        keep[eot[0, 0]] = True
+                    rows = hidden[keep].float()
+                    group = f"{module_name}.kv"
+                    grams[group] = grams.get(group, 0) + (rows.T @ rows).double().cpu()
+            kv_grams.append(grams)
+            progress(f"cross-attention inputs of <{name}>")
+        w0 = {n: linear_of(base.unet, n).weight.detach().float().cpu() for n in kv_layers}
+        fused_kv, report = _solve(w0, unet_deltas, kv_grams, config, base.device)
+        reports.update({f"unet.{k}": v for k, v in report.items()})
+        _write_weights(base.unet, fused_kv, base.dtype)
+        progress("cross-attention K/V fused")
+
+        # 4. UNet spatial layers: one sample per concept with its own LoRA on these layers
+        all_layers = lora_layers(base.unet)
+        spatial_modules = {n: base.unet.get_submodule(n) for n in spatial_layers}
+        spatial_grams = []
+        size = base.unet.config.sample_size
+        for index, name in enumerate(names):
+            _check_cancel(cancel)
+            for layer_name, layer in all_layers.items():
+                if layer_name in spatial_modules and name in layer.lora_A:
+                    layer.enable_adapters(True)
+                    layer.set_adapter([name])
+                else:
+                    layer.enable_adapters(False)
+            scheduler = make_scheduler("dpm++", base.scheduler_config)
+            scheduler.set_timesteps(config.spatial_steps, device=base.device)
+            from .layerwise import encode_layerwise
+
+            context = encode_layerwise(base.tokenizer, base.text_encoder, [fusion_prompts(name)[0]]).to(base.dtype)
+            generator = torch.Generator("cpu").manual_seed(config.seed + index)
+            latents = torch.randn((1, base.unet.config.in_channels, size, size), generator=generator).to(base.device)
+            latents = latents * scheduler.init_noise_sigma
+            with recording(spatial_modules) as recorder:
+                for t in scheduler.timesteps:
+                    model_input = scheduler.scale_model_input(latents, t)
+                    noise = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
+                    latents = scheduler.step(noise, t, latents).prev_sample
+                spatial_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
+            progress(f"UNet inputs of <{name}>")
+        set_active_adapters(base.unet, [])
+        w0 = {n: linear_of(base.unet, n).weight.detach().float().cpu() for n in spatial_layers}
+        fused_spatial, report = _solve(w0, unet_deltas, spatial_grams, config, base.device)
+        reports.update({f"unet.{k}": v for k, v in report.items()})
+        _write_weights(base.unet, fused_spatial, base.dtype)
+        progress("UNet fused")
+
+    # 5. Save only what changed, and the report
+    weights = {f"text_encoder.{k}": v for k, v in fused_text.items()}
+    weights.update({f"unet.{k}": v for k, v in {**fused_kv, **fused_spatial}.items()})
+    store_dtype = base.dtype if base.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    tensors_out = {k: v.to(store_dtype).cpu().contiguous() for k, v in weights.items()}
+    for name, t in zip(names, tensors):
+        tensors_out[f"concepts.{name}"] = t["embeddings"].float().contiguous()
+    report = fusion_report(reports, names, config.method)
+    record = {
+        "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
+        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
+        "concept_records": [r.to_json() for r in records],
+    }
+    _save_fused(folder, tensors_out, record, report)
+    return FusedModel(folder=folder, concepts=names, method=config.method, record=record, report=report)
+
+
+def fusion_report(layers: dict[str, dict], names: list[str], method: str) -> dict:
+    """Per layer and concept: relative output errors of `method` and of weight averaging; per-concept means."""
+    summary = {}
+    for i, name in enumerate(names):
+        chosen = [v["method"][i] for v in layers.values()]
+        average = [v["weight"][i] for v in layers.values()]
+        summary[name] = {
+            "mean_relative_error": sum(chosen) / len(chosen),
+            "max_relative_error": max(chosen),
+            "weight_average_mean_relative_error": sum(average) / len(average),
+            "weight_average_max_relative_error": max(average),
+        }
+    return {
+        "method": method, "concepts": names, "summary": summary,
+        "layers": {k: {"method": dict(zip(names, v["method"])), "weight": dict(zip(names, v["weight"]))} for k, v in layers.items()},
+    }
+
+
+def _save_fused(folder: Path, tensors: dict[str, torch.Tensor], record: dict, report: dict) -> None:
+    """Write the fused model atomically: a staging folder renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".staging-{folder.name}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        save_file(tensors, staging / FUSED_WEIGHTS, metadata={"format": FUSED_FORMAT})
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        (staging / FUSED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_fused(base: BaseModel, folder: str | os.PathLike) -> FusedModel:
+    """Make `base` the fused model in `folder`: fused weights written in, concept tokens loaded."""
+    folder = Path(folder).expanduser()
+    if not (folder / FUSED_RECORD).exists() or not (folder / FUSED_WEIGHTS).exists():
+        raise UserError(f"--fused {str(folder)!r} is not a fused model folder (no {FUSED_RECORD}/{FUSED_WEIGHTS})")
+    record = json.loads((folder / FUSED_RECORD).read_text())
+    if record.get("fingerprint") != base.fingerprint:
+        raise UserError(f"fused model {folder} was made on {record.get('base_model')} (architecture {record.get('fingerprint')});"
+                        f" the base {base.name} has architecture {base.fingerprint}")
+    tensors = load_file(folder / FUSED_WEIGHTS)
+    install_layerwise_attention(base.unet)
+    for name in record["concepts"]:
+        add_concept_tokens(base.tokenizer, base.text_encoder, name, tensors[f"concepts.{name}"])
+    for model, prefix in ((base.text_encoder, "text_encoder."), (base.unet, "unet.")):
+        set_active_adapters(model, [])
+        _write_weights(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, base.dtype)
+    report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).exists() else {}
+    return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record, report=report)
+
+
+def list_fused(library) -> list[dict]:
+    """Records of the fused models cached in a library."""
+    root = library.root / ".fused"
+    if not root.exists():
+        return []
+    out = []
+    for folder in sorted(root.iterdir()):
+        if (folder / FUSED_RECORD).exists():
+            record = json.loads((folder / FUSED_RECORD).read_text())
+            record["folder"] = str(folder)
+            out.append(record)
+    return out
