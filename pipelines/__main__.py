@@ -84,10 +84,12 @@ def cmd_train(args) -> None:
     cancel = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     checkpoint_dir = library.root / ".checkpoints" / args.name
-    bar = tqdm(total=0, desc=f"training <{args.name}>", unit="step", dynamic_ncols=True)
+    bar = None  # made at the first step, so settings refused by train_concept leave no empty bar
 
     def report(progress) -> None:
-        bar.total = progress.total
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total, desc=f"training <{args.name}>", unit="step", dynamic_ncols=True)
         bar.n = progress.step
         bar.set_postfix(loss=f"{progress.loss:.4f}", emb_norm=f"{progress.embedding_norm:.3f}", refresh=False)
         bar.refresh()
@@ -96,7 +98,8 @@ def cmd_train(args) -> None:
         result = train_concept(base, photos, config, masks=masks, callback=report, cancel=cancel,
                                checkpoint_dir=checkpoint_dir, resume=args.resume)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     library.save(result.concept, result.tensors, result.preview, overwrite=True)
     print(f"saved concept <{args.name}> ({args.class_word}, {len(photos)} photos, {len(result.losses)} steps,"
           f" final loss {result.losses[-1]:.4f}) to {library.root / args.name}")

@@ -131,7 +131,7 @@ def relative_output_error(w: torch.Tensor, target: torch.Tensor, gram: torch.Ten
 
 def input_group(module_name: str) -> str:
     """Layers that read the same input share a Gram: q/k/v of an attention (k/v only for attn2)."""
-    parent, leaf = module_name.rsplit(".", 1) if not module_name.endswith("to_out.0") else (module_name[: -len(".to_out.0")], "to_out.0")
+    parent, _, leaf = module_name.rpartition(".") if not module_name.endswith("to_out.0") else (module_name[: -len(".to_out.0")], "", "to_out.0")
     if leaf in ("q_proj", "k_proj", "v_proj"):
         return f"{parent}.qkv"
     if leaf in ("to_q", "to_k", "to_v"):
@@ -200,9 +200,16 @@ def linear_of(model: torch.nn.Module, name: str) -> torch.nn.Linear:
     return getattr(module, "base_layer", module)
 
 
-def _encode_unpadded(base: BaseModel, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = base.tokenizer(text, return_tensors="pt").input_ids.to(base.device)  # [1, T], no padding
-    return ids[0], base.text_encoder(ids)[0][0]  # ids [T], hidden [T, d]
+def _encode_unpadded(base: BaseModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode texts of equal token length (the 16 layer variants of one prompt) without padding.
+
+    Returns ids [n, T] and hidden states [n, T, d]; no padding rows reach the Grams.
+    """
+    ids = base.tokenizer(texts).input_ids
+    if len({len(i) for i in ids}) != 1:
+        raise ValueError("layer variants of a prompt should tokenize to equal lengths")
+    ids = torch.tensor(ids, device=base.device)
+    return ids, base.text_encoder(ids)[0]
 
 
 def fusion_prompts(name: str) -> list[str]:
@@ -329,8 +336,7 @@ def fuse_concepts(
             set_active_adapters(base.text_encoder, [name])
             with recording(text_modules) as recorder:
                 for prompt in fusion_prompts(name):
-                    for layer in range(NUM_LAYERS):
-                        _encode_unpadded(base, expand_prompt(prompt, layer, set(names)))
+                    _encode_unpadded(base, [expand_prompt(prompt, layer, set(names)) for layer in range(NUM_LAYERS)])
                 text_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
             progress(f"text encoder inputs of <{name}>")
         set_active_adapters(base.text_encoder, [])
@@ -353,13 +359,12 @@ def fuse_concepts(
             ids_of_concept = set(base.tokenizer.convert_tokens_to_ids(concept_tokens(name)))
             grams: dict[str, torch.Tensor] = {}
             for prompt in fusion_prompts(name):
+                ids, hidden = _encode_unpadded(base, [expand_prompt(prompt, layer, set(names)) for layer in range(NUM_LAYERS)])
                 for layer, module_name in enumerate(order):
-                    ids, hidden = _encode_unpadded(base, expand_prompt(prompt, layer, set(names)))
-                    keep = torch.tensor([int(i) in ids_of_concept for i in ids.tolist()], device=hidden.device)
-                    eot = (ids == base.tokenizer.eos_token_id).nonzero()
-                    if len(eot):
-                        keep[eot[0, 0]] = True
-                    rows = hidden[keep].float()
+                    layer_ids = ids[layer].tolist()
+                    keep = [i for i, token in enumerate(layer_ids) if token in ids_of_concept]
+                    keep.append(layer_ids.index(base.tokenizer.eos_token_id))  # the (only, unpadded) end-of-text
+                    rows = hidden[layer, keep].float()
                     group = f"{module_name}.kv"
                     grams[group] = grams.get(group, 0) + (rows.T @ rows).double().cpu()
             kv_grams.append(grams)

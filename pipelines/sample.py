@@ -156,7 +156,9 @@ def sample_loaded(
             factor = base.vae_scale_factor
             kwargs = {
                 "region_context": regional_context(base, list(regions), config.num_images).to(base.dtype),
-                "region_masks": region_masks(list(regions), width, height, height // factor, width // factor),
+                # on the device once, so no layer copies masks from the host at every step
+                "region_masks": {tokens: mask.to(base.device, base.dtype) for tokens, mask in
+                                 region_masks(list(regions), width, height, height // factor, width // factor).items()},
             }
     latents = initial_latents(base, config.num_images, width, height, config.seed)
     if regions:
@@ -217,9 +219,10 @@ def generate(
             check_compatible(record, base)
         if len(records) == 1:
             apply_concept(base, records[0].name, library.weights(records[0].name), lora_scale=config.lora_scale)
+        if len(records) <= 1:  # exactly this concept's adapters, or none: no concept samples the plain base
             for model in (base.text_encoder, base.unet):
                 set_active_adapters(model, names)
-        elif len(records) > 1:
+        if len(records) > 1:
             fused_model = fuse_concepts(base, library, names)
 
     # 3. Sample
