@@ -5,6 +5,8 @@
     concepts list|show|rename|delete|export|import
     generate --prompt "... <mochi> ..."  sample an image (PNG with its settings), optionally with regions
     fuse --concepts mochi,tama           fuse concepts into one model (gradient fusion or weight averaging)
+    detect --image X --labels dog,cat    find subjects (Grounding DINO + SAM)
+    isolate --prompt ... --subject ...   Isolated Diffusion with detector-found subjects
 
 A user error prints one line and exits with status 2; Ctrl-C during training writes a checkpoint
 (resume with --resume) and exits with status 130.
@@ -66,12 +68,23 @@ def cmd_train(args) -> None:
     if args.name in library.names() and not args.overwrite:
         raise UserError(f"concept {args.name!r} already exists in {library.root}; pass --overwrite or choose another --name")
     photo_paths = find_photos(args.images)
+    if args.masks and args.auto_mask:
+        raise UserError("give either --masks or --auto-mask, not both")
     mask_paths = find_masks(args.masks, photo_paths) if args.masks else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         photos, masks = load_training_set(photo_paths, mask_paths)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
+    if args.auto_mask:
+        from .detect import subject_mask
+
+        masks = []
+        for path, photo in zip(photo_paths, photos):
+            mask = subject_mask(photo, args.class_word, detector=args.detector, segmenter=args.segmenter, device=args.device)
+            if mask is None:
+                print(f"warning: no {args.class_word} found in {path.name}; its loss covers the whole photo", file=sys.stderr)
+            masks.append(mask)
     config = TrainConfig(
         name=args.name, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
         resolution=args.resolution, rank=args.rank, lr_embedding=args.lr_embedding,
@@ -105,6 +118,57 @@ def cmd_train(args) -> None:
           f" final loss {result.losses[-1]:.4f}) to {library.root / args.name}")
     if base.is_test_model:
         print("note: trained on the tiny random test model; its previews are noise")
+
+
+def cmd_detect(args) -> None:
+    from .detect import detect, draw_detections
+    from .train import load_photo
+
+    image = load_photo(args.image)
+    labels = [label for label in args.labels.split(",")]
+    detections = detect(image, labels, detector=args.detector, segmenter=args.segmenter, device=args.device,
+                        box_threshold=args.box_threshold, text_threshold=args.text_threshold)
+    if args.out:
+        draw_detections(image, detections).save(args.out)
+    if args.json:
+        print(json.dumps([d.to_json() for d in detections], indent=2))
+    else:
+        for d in detections:
+            print(f"{d.label:<12} score {d.score:.3f}  box {[round(v, 1) for v in d.box]}")
+        if not detections:
+            print(f"nothing found for {', '.join(labels)}")
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
+
+
+def cmd_isolate(args) -> None:
+    from .base import TEST_MODEL_NOTE, load_base
+    from .concept import ConceptLibrary
+    from .errors import UserError
+    from .isolated import IsolateConfig, isolate, parse_subject, save_stages
+    from .sample import save_png
+
+    config = IsolateConfig(
+        prompt=args.prompt, subjects=tuple(parse_subject(s) for s in args.subject or []), attachments=tuple(args.attachment or []),
+        negative_prompt=args.negative_prompt, t_lay=args.t_lay, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        width=args.width, height=args.height, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+    )
+    if Path(args.out).suffix.lower() != ".png":
+        raise UserError(f"--out {args.out!r} must be a .png file")
+    if not 0 < args.t_lay < 1:
+        raise UserError(f"--t-lay {args.t_lay} must be between 0 and 1 (exclusive); about 0.75 is typical")
+    library = ConceptLibrary(args.library)
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    result = isolate(base, library, config, detector=args.detector, segmenter=args.segmenter, fused=args.fused)
+    save_png(result.final, args.out, result.metadata)
+    print(f"wrote {args.out}")
+    if args.stages:
+        save_stages(result, args.stages)
+        print(f"wrote stages (layout, detections, masks, final) to {args.stages}")
+    if result.message:
+        print(f"note: {result.message}")
+    if base.is_test_model:
+        print(f"note: {TEST_MODEL_NOTE}")
 
 
 def cmd_concepts(args) -> None:
@@ -196,9 +260,8 @@ def cmd_generate(args) -> None:
     regions = [parse_region(text) for text in args.region or []]
     if args.regions:
         regions += load_regions(args.regions)
-    for value in (args.width, args.height):
-        if value is not None:
-            check_size(value, value)
+    # sizes fail before the model loads, each under its own flag; 8 stands for "not given" (native size)
+    check_size(8 if args.width is None else args.width, 8 if args.height is None else args.height)
     library = ConceptLibrary(args.library)
     base = load_base(args.base, device=args.device, dtype=args.dtype)
     result = generate(base, library, config, regions=regions, fused=args.fused)
@@ -226,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
         p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' precision (default: bf16/fp16 on GPUs, fp32 on CPU)")
 
+    def detector_flags(p):
+        from .detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+
+        p.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"Grounding DINO: Hub id, folder or 'tiny' (default {DEFAULT_DETECTOR})")
+        p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help=f"SAM: Hub id, folder or 'tiny' (default {DEFAULT_SEGMENTER})")
+
     def library_flag(p):
         p.add_argument("--library", default=default_library(), help="concept library folder (default: ./concepts or $MENAGERIE_LIBRARY)")
 
@@ -252,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this concept")
     p.add_argument("--overwrite", action="store_true", help="replace a concept of the same name")
+    p.add_argument("--auto-mask", action="store_true", help="find the subject in each photo (Grounding DINO + SAM) for the masked loss")
+    detector_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("concepts", help="list, show, rename, delete, export or import concepts")
@@ -301,6 +372,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions", default=None, help="JSON file: [{\"box\": [x0,y0,x1,y1], \"prompt\": ..., \"negative_prompt\": ...}]")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("detect", help="find labelled subjects in an image (Grounding DINO boxes, SAM masks)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--labels", required=True, help="comma-separated, e.g. dog,cat")
+    p.add_argument("--json", action="store_true", help="print detections as JSON")
+    p.add_argument("--out", default=None, help="write the image with masks and boxes drawn")
+    p.add_argument("--box-threshold", type=float, default=0.35)
+    p.add_argument("--text-threshold", type=float, default=0.25)
+    p.add_argument("--device", default=None)
+    detector_flags(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("isolate", help="Isolated Diffusion: layout, detect each subject, re-synthesise each in isolation")
+    model_flags(p)
+    library_flag(p)
+    detector_flags(p)
+    p.add_argument("--prompt", required=True, help="the full scene, e.g. 'a dog and a cat in a hot spring'")
+    p.add_argument("--subject", action="append", help="'label=branch prompt', e.g. 'dog=<mochi> dog'; repeat per subject")
+    p.add_argument("--attachment", action="append", help="'label=prompt' for a subject, or a prompt for the whole scene")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--t-lay", type=float, default=0.75, help="layout time as a fraction of the schedule (0-1, default 0.75)")
+    p.add_argument("--out", required=True, help="final .png")
+    p.add_argument("--stages", default=None, help="folder for layout.png, detections.png, mask_*.png, final.png")
+    p.add_argument("--fused", default=None, help="fused model folder (default: each subject's own ED-LoRA)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--box-threshold", type=float, default=0.35)
+    p.add_argument("--text-threshold", type=float, default=0.25)
+    p.set_defaults(func=cmd_isolate)
+
     p = sub.add_parser("fuse", help="fuse several concepts into one model (Mix-of-Show gradient fusion, solved exactly)")
     model_flags(p)
     library_flag(p)
@@ -329,6 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; use a smaller --batch-size, --resolution or --width/--height", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise
+        print("error: out of GPU memory; use a smaller --batch-size, --resolution or --width/--height,"
+              " or --device cpu", file=sys.stderr)
+        return 2
     return 0
 
 

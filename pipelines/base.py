@@ -48,6 +48,7 @@ class BaseModel:
     dtype: torch.dtype  # dtype of the frozen weights
     is_test_model: bool  # True for tiny random models: their output is noise
     fingerprint: str  # architecture hash; concepts carry it and are refused on another one
+    fused: str | None = None  # folder of the fused model written into these weights, if any
 
     @property
     def vae_scale_factor(self) -> int:

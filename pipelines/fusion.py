@@ -301,6 +301,8 @@ def fuse_concepts(
         check_compatible(record, base)
     key = cache_key(base, library, names, config)
     folder = Path(out_dir) if out_dir else library.root / ".fused" / key
+    if base.fused is not None and Path(base.fused) != folder:
+        raise UserError(f"this base model already holds the fused model {base.fused}; load the base again before fusing others")
     if (folder / FUSED_RECORD).exists():
         cached = json.loads((folder / FUSED_RECORD).read_text())
         if cached.get("key") == key:
@@ -425,6 +427,7 @@ def fuse_concepts(
         "concept_records": [r.to_json() for r in records],
     }
     _save_fused(folder, tensors_out, record, report)
+    base.fused = str(folder)
     return FusedModel(folder=folder, concepts=names, method=config.method, record=record, report=report)
 
 
@@ -472,6 +475,8 @@ def load_fused(base: BaseModel, folder: str | os.PathLike) -> FusedModel:
     if record.get("fingerprint") != base.fingerprint:
         raise UserError(f"fused model {folder} was made on {record.get('base_model')} (architecture {record.get('fingerprint')});"
                         f" the base {base.name} has architecture {base.fingerprint}")
+    if base.fused is not None and Path(base.fused) != folder:
+        raise UserError(f"this base model already holds the fused model {base.fused}; load the base again to use {folder}")
     tensors = load_file(folder / FUSED_WEIGHTS)
     install_layerwise_attention(base.unet)
     for name in record["concepts"]:
@@ -479,6 +484,7 @@ def load_fused(base: BaseModel, folder: str | os.PathLike) -> FusedModel:
     for model, prefix in ((base.text_encoder, "text_encoder."), (base.unet, "unet.")):
         set_active_adapters(model, [])
         _write_weights(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, base.dtype)
+    base.fused = str(folder)
     report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).exists() else {}
     return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record, report=report)
 

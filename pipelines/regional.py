@@ -48,7 +48,7 @@ def parse_region(text: str) -> Region:
         raise UserError(f"--region {text!r} must look like 'x0,y0,x1,y1|prompt|negative prompt'")
     try:
         box = tuple(int(round(float(v))) for v in parts[0].split(","))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--region {text!r}: the box must be four numbers x0,y0,x1,y1 in pixels") from None
     if len(box) != 4:
         raise UserError(f"--region {text!r}: the box must be four numbers x0,y0,x1,y1 in pixels")
@@ -69,7 +69,11 @@ def load_regions(path: str | os.PathLike) -> list[Region]:
             raise UserError(f"--regions {str(path)!r}: region {i} needs 'box' and 'prompt'")
         if not isinstance(item["box"], (list, tuple)) or len(item["box"]) != 4:
             raise UserError(f"--regions {str(path)!r}: region {i} box must be [x0, y0, x1, y1]")
-        regions.append(Region(tuple(int(round(float(v))) for v in item["box"]), str(item["prompt"]), str(item.get("negative_prompt", ""))))
+        try:
+            box = tuple(int(round(float(v))) for v in item["box"])
+        except (ValueError, TypeError, OverflowError):
+            raise UserError(f"--regions {str(path)!r}: region {i} box must be four numbers [x0, y0, x1, y1]") from None
+        regions.append(Region(box, str(item["prompt"]), str(item.get("negative_prompt", ""))))
     return regions
 
 

@@ -1,0 +1,429 @@
+"""Isolated Diffusion (Zhu, Ma, Chen, Yuan 2024, arXiv 2403.16954), detector-guided, with concepts.
+
+Multi-attachment (paper section 3.2): prompts [uncond, base, base + attachment_1..k] combine per step as
+
+    eps = (1 - l) eps_u + l eps_base + sum_i l (eps_i - eps_base)            (l: guidance scale)
+
+Multi-subject (section 3.3): sample a layout with the full prompt and keep the latent x at t_lay
+(about 0.75 of T); detect each subject in the layout by its class word (Grounding DINO, not the
+paper's YOLO: open vocabulary fits pets) and segment it (SAM). Each subject i gets a branch latent
+in which the *other* subjects' regions are replaced by fresh noise,
+
+    x^i = x * (1 - U_{j != i} M_j) + noise * U_{j != i} M_j ,
+
+and every branch is denoised from t_lay with its own prompt and its own concept (that concept's
+ED-LoRA, so no fusion is needed, or a fused model); the background is denoised with the full
+prompt; the noise predictions are fused by the masks,
+
+    eps = eps_0 * (1 - U_n M_n) + sum_i eps_i * M_i .
+
+The fused prediction drives the shared latent; each branch latent takes its own step with its own
+prediction, so inside M_i the two stay equal and the final image shows branch i there. All
+latents of a step (background and branches, both CFG halves, all attachments) go through one UNet
+call; peft runs each row with its own concept's LoRA.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .base import TEST_MODEL_NOTE, BaseModel
+from .errors import Cancelled, UserError
+from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A subject to isolate: the detector label (a word of the prompt) and its own prompt."""
+
+    label: str  # e.g. "dog": what Grounding DINO looks for in the layout
+    prompt: str  # e.g. "a photo of <mochi> dog": this subject's branch prompt
+
+
+@dataclass(frozen=True)
+class IsolateConfig:
+    prompt: str  # the full prompt, e.g. "a dog and a cat in a hot spring"
+    subjects: tuple[Subject, ...] = ()
+    attachments: tuple[str, ...] = ()  # "label=prompt" for a subject, or a prompt for the background
+    negative_prompt: str = ""
+    t_lay: float = 0.75  # layout time as a fraction of T (paper: 700-800 of 1000)
+    steps: int = 30
+    guidance: float = 7.5  # the paper's lambda
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+
+
+@dataclass
+class IsolatedResult:
+    layout: Image.Image  # the plain sample with the full prompt
+    final: Image.Image  # after isolation (the layout itself if nothing was found)
+    detections: list = field(default_factory=list)  # Detection per isolated subject, in subject order
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # label -> bool mask at image size
+    missing: list[str] = field(default_factory=list)  # subject labels not found in the layout
+    message: str = ""
+    metadata: dict = field(default_factory=dict)
+    latents: torch.Tensor | None = field(default=None, repr=False)  # final [1 + S, C, h, w]: background, branches
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def combine_attachments(eps_uncond: torch.Tensor, eps_base: torch.Tensor, eps_attachments: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """(1 - l) eps_u + l eps_base + sum_i l (eps_i - eps_base); with no attachments, plain CFG."""
+    eps = (1 - scale) * eps_uncond + scale * eps_base
+    for eps_i in eps_attachments:
+        eps = eps + scale * (eps_i - eps_base)
+    return eps
+
+
+def branch_latents(latent: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """One latent per subject with the other subjects' regions replaced by `noise`.
+
+    latent, noise: [1, C, h, w]; masks: [S, 1, h, w] of 0/1 (disjoint). Returns [S, C, h, w].
+    """
+    union = masks.sum(0, keepdim=True).clamp(max=1)  # [1, 1, h, w]
+    others = (union - masks).clamp(min=0)  # [S, 1, h, w]: the other subjects' regions
+    return latent * (1 - others) + noise * others
+
+
+def fuse_predictions(eps_background: torch.Tensor, eps_subjects: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """eps_0 (1 - U M) + sum_i eps_i M_i. eps_background [1, C, h, w]; eps_subjects [S, C, h, w]; masks [S, 1, h, w]."""
+    union = masks.sum(0, keepdim=True).clamp(max=1)
+    return eps_background * (1 - union) + (eps_subjects * masks).sum(0, keepdim=True)
+
+
+def disjoint_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Make masks disjoint: earlier masks (higher scores) keep the pixels they share with later ones."""
+    taken = np.zeros_like(masks[0], dtype=bool) if masks else None
+    out = []
+    for mask in masks:
+        out.append(mask & ~taken)
+        taken = taken | mask
+    return out
+
+
+def latent_masks(masks: list[np.ndarray], latent_h: int, latent_w: int) -> torch.Tensor:
+    """Image-size bool masks -> [S, 1, h, w] float: a latent cell is in when half its pixels are.
+
+    A cell split exactly half/half between two masks goes to the earlier one, so the latent masks
+    stay disjoint (overlapping masks would add two branch predictions in `fuse_predictions`).
+    """
+    stacked = torch.from_numpy(np.stack(masks)).float()[:, None]  # [S, 1, H, W]
+    inside = F.adaptive_avg_pool2d(stacked, (latent_h, latent_w)) >= 0.5
+    taken = torch.zeros_like(inside[0])
+    for mask in inside:
+        mask &= ~taken
+        taken |= mask
+    return inside.float()
+
+
+def layout_step_index(timesteps: torch.Tensor, t_lay: float, num_train_timesteps: int) -> int:
+    """Index of the first sampling step whose timestep is at or below t_lay * T (at least 1)."""
+    below = (timesteps <= t_lay * num_train_timesteps).nonzero()
+    index = int(below[0, 0]) if len(below) else len(timesteps) - 1
+    return min(max(index, 1), len(timesteps) - 1)
+
+
+def word_in_prompt(word: str, prompt: str) -> bool:
+    import re
+
+    return re.search(rf"(?<![\w<]){re.escape(word.lower())}(?![\w>])", prompt.lower()) is not None
+
+
+def parse_subject(text: str) -> Subject:
+    """'label=prompt' -> Subject."""
+    if "=" not in text:
+        raise UserError(f"--subject {text!r} must look like 'dog=<mochi> dog' (detector label = branch prompt)")
+    label, prompt = (part.strip() for part in text.split("=", 1))
+    if not label or not prompt:
+        raise UserError(f"--subject {text!r} must look like 'dog=<mochi> dog' (detector label = branch prompt)")
+    return Subject(label=label, prompt=prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed-adapter UNet calls
+
+
+@contextmanager
+def mixed_adapters(unet: torch.nn.Module, row_adapters: list[str]):
+    """Run each batch row of the UNet with its own LoRA adapter (or BASE_ADAPTER for none).
+
+    peft's LoRA layers take `adapter_names` per row; a forward pre-hook on every LoRA layer
+    passes them, as peft's own PeftModel does.
+    """
+    from .edlora import lora_layers
+
+    layers = lora_layers(unet)
+    if not layers or all(name == BASE_ADAPTER for name in row_adapters):
+        for layer in layers.values():
+            layer.enable_adapters(False)
+        yield
+        return
+    handles = []
+
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = row_adapters
+        return args, kwargs
+
+    for layer in layers.values():
+        layer.enable_adapters(True)
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers.values():
+            layer.enable_adapters(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, int]:
+    from .sample import check_size
+
+    width = config.width or base.native_resolution
+    height = config.height or base.native_resolution
+    check_size(width, height, base.vae_scale_factor)
+    if not config.prompt.strip():
+        raise UserError("the prompt is empty; describe the scene, e.g. 'a dog and a cat in a hot spring'")
+    if not 0 < config.t_lay < 1:
+        raise UserError(f"--t-lay {config.t_lay} must be between 0 and 1 (exclusive); about 0.75 is typical")
+    if config.steps < 2 or config.steps > 1000:
+        raise UserError(f"--steps {config.steps} must be between 2 and 1000")
+    labels = [s.label for s in config.subjects]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"two subjects share a label ({', '.join(labels)}); give each subject its own word")
+    for subject in config.subjects:
+        if not word_in_prompt(subject.label, config.prompt):
+            raise UserError(f"subject label {subject.label!r} does not appear in the prompt {config.prompt!r}; the"
+                            f" layout is searched for it, so the prompt must mention it")
+    for attachment in config.attachments:
+        if "=" in attachment and attachment.split("=", 1)[0].strip() not in labels:
+            raise UserError(f"attachment {attachment!r} names subject {attachment.split('=', 1)[0].strip()!r}, which is not a --subject")
+    return width, height
+
+
+def isolate(
+    base: BaseModel,
+    library,
+    config: IsolateConfig,
+    detector="IDEA-Research/grounding-dino-tiny",
+    segmenter: str = "facebook/sam-vit-base",
+    fused: str | os.PathLike | None = None,
+    callback: Callable[[str, int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> IsolatedResult:
+    """Isolated Diffusion for several subjects (and attachments) with concepts.
+
+    Args:
+        detector: Grounding DINO name (Hub id, folder or "tiny"), used with `segmenter` (SAM) through
+            `pipelines.detect.detect`; or a callable `(image, labels) -> [Detection]` with masks,
+            e.g. a stand-in with known boxes in tests. Named models load before any sampling.
+        fused: a fused model folder; without it each subject's concepts load as their own
+            ED-LoRA (the full prompt may then name no concept).
+        callback: `(stage, step, total)` with stage "layout" or "isolate".
+    """
+    from .concept import check_compatible
+    from .edlora import apply_concept, set_active_adapters
+    from .fusion import load_fused
+    from .sample import decode_latents, initial_latents, make_scheduler
+
+    # 1. Check inputs
+    width, height = check_isolate_config(config, base)
+    subject_concepts = {s.label: concepts_in(s.prompt) for s in config.subjects}
+    for label, names in subject_concepts.items():
+        if len(names) > 1 and fused is None:
+            raise UserError(f"subject {label!r} names several concepts ({', '.join(names)}); give each subject one, or use --fused")
+    background_concepts = concepts_in(config.prompt) + concepts_in(config.negative_prompt)
+    all_names = list(dict.fromkeys(background_concepts + [n for names in subject_concepts.values() for n in names]))
+    if fused is not None:
+        fused_model = load_fused(base, fused)
+        missing = [n for n in all_names if n not in fused_model.concepts]
+        if missing:
+            raise UserError(f"the fused model {fused} does not hold {', '.join('<' + n + '>' for n in missing)}")
+    else:
+        records = [library.get(name) for name in all_names]  # unknown concepts raise here
+        for record in records:
+            check_compatible(record, base)
+        if background_concepts:
+            raise UserError(f"the full prompt names {', '.join('<' + n + '>' for n in background_concepts)}; without --fused"
+                            f" put concepts only in --subject prompts (each branch loads its own concept)")
+        for record in records:
+            apply_concept(base, record.name, library.weights(record.name), lora_scale=1.0)
+    if config.subjects and not callable(detector):
+        from .detect import detect, load_model
+
+        detector_name = detector
+        load_model("detector", detector_name, base.device)  # fail now, not after the layout is sampled
+        load_model("segmenter", segmenter, base.device)
+
+        def detector(image, labels):
+            return detect(image, labels, detector=detector_name, segmenter=segmenter, device=base.device,
+                          box_threshold=config.box_threshold, text_threshold=config.text_threshold)
+
+    install_layerwise_attention(base.unet)
+    started = time.perf_counter()
+    guidance = config.guidance
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("isolated sampling cancelled")
+
+    # 2. Layout: a plain sample of the full prompt, keeping the latent at t_lay
+    with torch.no_grad():
+        for model in (base.text_encoder, base.unet):
+            set_active_adapters(model, [])
+        background_prompts = [config.prompt] + [a for a in config.attachments if "=" not in a]
+        background_context = encode_layerwise(base.tokenizer, base.text_encoder, background_prompts)  # [1 + k, L, d]
+        uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt])
+    scheduler = make_scheduler("dpm++", base.scheduler_config)
+    scheduler.set_timesteps(config.steps, device=base.device)
+    timesteps = scheduler.timesteps
+    lay_index = layout_step_index(timesteps.cpu(), config.t_lay, scheduler.config.num_train_timesteps)
+    latents = initial_latents(base, 1, width, height, config.seed) * scheduler.init_noise_sigma
+    latent_at_lay = None
+    if not config.subjects:  # multi-attachment only: no layout, combine from the first step
+        lay_index, latent_at_lay = 0, latents
+    with torch.no_grad():
+        context = torch.cat([uncond, background_context[:1]]).to(base.dtype)
+        for i, t in enumerate(timesteps if config.subjects else []):
+            check_cancel()
+            if i == lay_index:
+                latent_at_lay = latents.clone()
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            eps_u, eps_c = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
+            latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+            if callback is not None:
+                callback("layout", i + 1, len(timesteps))
+        layout = decode_latents(base, latents)[0] if config.subjects else None
+
+    # 3. Detect the subjects in the layout: one detection per subject, best score first
+    result = IsolatedResult(layout=layout, final=layout)
+    metadata = {"app": "menagerie", "method": "isolated", **asdict(config), "width": width, "height": height,
+                "subjects": [asdict(s) for s in config.subjects], "concepts": all_names, "base_model": base.name,
+                "fused": str(fused) if fused else None, "layout_step": lay_index}
+    if base.is_test_model:
+        metadata["note"] = TEST_MODEL_NOTE
+    subjects: list[Subject] = []
+    detections = []
+    if config.subjects:
+        found = detector(layout, [s.label for s in config.subjects])
+        used = set()
+        for subject in config.subjects:
+            candidates = [i for i, d in enumerate(found) if d.label == subject.label and i not in used and d.mask is not None]
+            if not candidates:
+                result.missing.append(subject.label)
+                continue
+            best = max(candidates, key=lambda i: found[i].score)
+            used.add(best)
+            subjects.append(subject)
+            detections.append(found[best])
+    result.detections = detections
+    if config.subjects and not subjects:
+        result.message = (f"no subject was found in the layout ({', '.join(s.label for s in config.subjects)}); the layout"
+                          f" image is returned unchanged. Try another seed or a lower detection threshold")
+        result.metadata = {**metadata, "missing": result.missing, "message": result.message}
+        return result
+    if result.missing:
+        result.message = f"not found in the layout, left as sampled: {', '.join(result.missing)}"
+
+    # 4. Branch latents at t_lay and masks at latent resolution
+    factor = base.vae_scale_factor
+    image_masks = disjoint_masks([d.mask for d in detections])
+    result.masks = {s.label: m for s, m in zip(subjects, image_masks)}
+    masks = latent_masks(image_masks, height // factor, width // factor).to(base.device) if subjects else None
+    generator = torch.Generator("cpu").manual_seed(config.seed + 1)
+    if subjects:
+        noise = torch.randn(latent_at_lay.shape, generator=generator).to(base.device) * scheduler.init_noise_sigma
+        branches = branch_latents(latent_at_lay, noise, masks)  # [S, C, h, w]
+        all_latents = torch.cat([latent_at_lay, branches])  # [1 + S, C, h, w]
+    else:
+        all_latents = latent_at_lay
+
+    # 5. Prompts of every row: per latent, [uncond, base, attachments...]
+    with torch.no_grad():
+        rows_context, rows_adapter, groups = [], [], []
+        for index in range(1 + len(subjects)):
+            if index == 0:
+                prompts, adapter = background_prompts, BASE_ADAPTER
+            else:
+                subject = subjects[index - 1]
+                prompts = [subject.prompt] + [a.split("=", 1)[1].strip() for a in config.attachments
+                                              if "=" in a and a.split("=", 1)[0].strip() == subject.label]
+                names = subject_concepts[subject.label]
+                adapter = names[0] if names and fused is None else BASE_ADAPTER
+            set_active_adapters(base.text_encoder, [] if adapter == BASE_ADAPTER else [adapter])
+            encoded = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
+            rows_context += [uncond[0]] + list(encoded)
+            rows_adapter += [adapter] * (1 + len(prompts))
+            groups.append(1 + len(prompts))
+        set_active_adapters(base.text_encoder, [])
+        context = torch.stack(rows_context).to(base.dtype)  # [rows, L, d]
+    repeats = torch.tensor(groups, device=base.device)
+
+    # 6. Denoise every latent from t_lay in one batched UNet call per step
+    scheduler = make_scheduler("dpm++", base.scheduler_config)
+    scheduler.set_timesteps(config.steps, device=base.device)
+    scheduler.set_begin_index(lay_index)  # continue the schedule where the layout latent was kept
+    remaining = scheduler.timesteps[lay_index:]
+    with torch.no_grad(), mixed_adapters(base.unet, rows_adapter):
+        for i, t in enumerate(remaining):
+            check_cancel()
+            model_input = scheduler.scale_model_input(all_latents, t).repeat_interleave(repeats, dim=0)
+            eps_rows = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
+            eps_latents, start = [], 0
+            for size in groups:
+                block = eps_rows[start : start + size]  # [uncond, base, attachments...]
+                eps_latents.append(combine_attachments(block[:1], block[1:2], [block[j : j + 1] for j in range(2, size)], guidance))
+                start += size
+            eps = torch.cat(eps_latents)  # [1 + S, C, h, w]
+            if subjects:
+                eps = torch.cat([fuse_predictions(eps[:1], eps[1:], masks), eps[1:]])
+            all_latents = scheduler.step(eps, t, all_latents).prev_sample
+            if callback is not None:
+                callback("isolate", i + 1, len(remaining))
+        result.final = decode_latents(base, all_latents[:1])[0]
+        result.latents = all_latents
+    if result.layout is None:
+        result.layout = result.final
+    result.metadata = {**metadata, "missing": result.missing, "message": result.message,
+                       "detections": [d.to_json() for d in detections], "seconds": round(time.perf_counter() - started, 3)}
+    return result
+
+
+def save_stages(result: IsolatedResult, folder: str | os.PathLike) -> list[Path]:
+    """layout.png, detections.png (masks and boxes drawn), mask_<label>.png and final.png."""
+    from .detect import draw_detections
+    from .sample import save_png
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [save_png(result.layout, folder / "layout.png", {**result.metadata, "stage": "layout"})]
+    written.append(save_png(draw_detections(result.layout, result.detections), folder / "detections.png",
+                            {**result.metadata, "stage": "detections"}))
+    for label, mask in result.masks.items():
+        path = folder / f"mask_{label}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+        written.append(path)
+    written.append(save_png(result.final, folder / "final.png", {**result.metadata, "stage": "final"}))
+    return written

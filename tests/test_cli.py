@@ -1,0 +1,310 @@
+"""pipelines.__main__: the command line, run in-process (plus one real subprocess for exit codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.__main__ import main
+from pipelines.concept import Concept, ConceptLibrary
+from pipelines.sample import read_png_metadata
+
+from conftest import procedural_photo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def keep_sigint_handler():
+    """`train` installs a Ctrl-C handler for its process; put pytest's back afterwards."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.fixture
+def photos_dir(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):  # three photos: no "few photos" warning
+        procedural_photo(i).save(folder / f"mochi{i}.png")
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def train_args(photos, library, *extra):
+    return ["train", "--base", "tiny", "--images", photos, "--name", "mochi", "--class-word", "dog",
+            "--device", "cpu", "--library", library, *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# The done-when flow
+
+
+def test_tiny_model_train_list_generate(capsys, tmp_path, photos_dir):
+    """tiny-model DIR; train --steps 30; concepts list --json; generate --steps 4 writes a PNG."""
+    model = tmp_path / "tiny"
+    code, out, _ = run(capsys, "tiny-model", model)
+    assert code == 0 and str(model) in out
+    assert (model / "model_index.json").exists() and (model / "menagerie_test_model.json").exists()
+
+    library = tmp_path / "library"
+    code, out, err = run(capsys, "train", "--base", model, "--images", photos_dir, "--name", "mochi", "--class-word", "dog",
+                         "--steps", "30", "--device", "cpu", "--library", library)
+    assert code == 0, err
+    assert "saved concept <mochi> (dog, 3 photos, 30 steps" in out
+    assert "tiny random test model" in out
+    assert sorted(os.listdir(library / "mochi")) == ["concept.json", "concept.safetensors", "preview.png"]
+    assert not (library / ".checkpoints" / "mochi" / "checkpoint.pt").exists()
+
+    code, out, _ = run(capsys, "concepts", "list", "--json", "--library", library)
+    assert code == 0
+    (listed,) = json.loads(out)
+    assert (listed["name"], listed["class_word"], listed["token"], listed["photo_count"]) == ("mochi", "dog", "<mochi>", 3)
+    assert listed["settings"]["steps"] == 30 and listed["is_test_model"] is True
+
+    image = tmp_path / "out" / "mochi.png"
+    code, out, err = run(capsys, "generate", "--base", model, "--library", library, "--prompt", "a photo of <mochi> on a beach",
+                         "--steps", "4", "--out", image, "--device", "cpu")
+    assert code == 0, err
+    assert f"wrote {image}" in out and "note:" in out
+    with Image.open(image) as png:
+        assert png.size == (64, 64) and png.mode == "RGB"
+    meta = read_png_metadata(image)
+    assert meta["prompt"] == "a photo of <mochi> on a beach"
+    assert (meta["steps"], meta["seed"], meta["concepts"]) == (4, 0, ["mochi"])
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def test_generate_png_metadata_and_seeds(capsys, tmp_path, tiny_dir):
+    """`--base tiny` uses the cached model; same seed -> same pixels, another seed -> others."""
+    library = tmp_path / "library"
+
+    def generate(name, seed):
+        path = tmp_path / name
+        code, _, err = run(capsys, "generate", "--base", "tiny", "--library", library, "--prompt", "a photo of a dog",
+                           "--steps", "2", "--seed", seed, "--out", path, "--device", "cpu")
+        assert code == 0, err
+        return path
+
+    first, again, other = generate("a.png", 5), generate("b.png", 5), generate("c.png", 6)
+    meta = read_png_metadata(first)
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["concepts"]) == ("a photo of a dog", 5, 2, [])
+    assert meta["base_model"] == "tiny" and meta["width"] == 64 and meta["index"] == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(other)))
+    assert read_png_metadata(other)["seed"] == 6
+
+
+def test_generate_several_images_are_numbered(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "--base", "tiny", "--library", tmp_path / "lib", "--prompt", "a dog",
+                         "--steps", "1", "--num-images", "2", "--out", tmp_path / "dog.png", "--device", "cpu")
+    assert code == 0, err
+    assert [read_png_metadata(tmp_path / f"dog_{i}.png")["index"] for i in (1, 2)] == [0, 1]
+    assert not (tmp_path / "dog.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--prompt", "a photo of <ghost>"], ["unknown concept 'ghost'"]),
+        (["--prompt", "a dog", "--width", "60"], ["--width 60 must be a positive multiple of 8"]),
+        (["--prompt", "a dog", "--height", "100"], ["--height 100 must be a positive multiple of 8"]),
+        (["--prompt", "a dog", "--width", "0"], ["--width 0 must be a positive multiple of 8"]),
+        (["--prompt", "a dog", "--steps", "0"], ["--steps 0 must be between 1 and 1000"]),
+        (["--prompt", "", "--steps", "1"], ["the prompt is empty"]),
+    ],
+)
+def test_generate_user_errors(capsys, tmp_path, extra, fragments):
+    code, _, err = run(capsys, "generate", "--base", "tiny", "--library", tmp_path / "lib", "--out", tmp_path / "x.png",
+                       "--device", "cpu", *extra)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_base_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--base", tmp_path / "missing-model", "--prompt", "a dog", "--out", tmp_path / "x.png",
+                       "--library", tmp_path / "lib")
+    assert_one_line_error(code, err, "missing-model", "does not exist")
+    code, _, err = run(capsys, "generate", "--base", "menagerie-tests/not-cached", "--prompt", "a dog", "--out", tmp_path / "x.png",
+                       "--library", tmp_path / "lib", "--device", "cpu")
+    assert_one_line_error(code, err, "not in the local Hugging Face cache", "--base tiny")
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", "--base", "tiny", "--prompt", "a dog", "--out", tmp_path / "x.png",
+                           "--library", tmp_path / "lib", "--device", "cuda")
+        assert_one_line_error(code, err, "--device 'cuda'", "no CUDA GPU", "use --device cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# train: bad inputs, each one clear line
+
+
+def test_train_folder_without_images(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no photos")
+    code, _, err = run(capsys, *train_args(empty, tmp_path / "lib"))
+    assert_one_line_error(code, err, "no images found in", str(empty))
+
+
+def test_train_unreadable_image_names_the_file(capsys, tmp_path, photos_dir):
+    (photos_dir / "broken.jpg").write_text("not really a JPEG")
+    code, _, err = run(capsys, *train_args(photos_dir, tmp_path / "lib"))
+    assert_one_line_error(code, err, "cannot read image", "broken.jpg")
+
+
+def test_train_missing_base(capsys, tmp_path, photos_dir):
+    code, _, err = run(capsys, "train", "--base", tmp_path / "nowhere", "--images", photos_dir, "--name", "mochi",
+                       "--class-word", "dog", "--library", tmp_path / "lib")
+    assert_one_line_error(code, err, "nowhere", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--class-word", "xylophonists"], ["class word 'xylophonists' is 4 tokens for CLIP"]),
+        (["--class-word", "hot dog"], ["class word 'hot dog' is not valid"]),
+        (["--name", "Mochi!"], ["concept name 'Mochi!' is not valid"]),
+        (["--steps", "0"], ["--steps must be at least 1, got 0"]),
+        (["--resolution", "100"], ["--resolution 100 must be a multiple of 64"]),
+    ],
+)
+def test_train_bad_settings(capsys, tmp_path, photos_dir, extra, fragments):
+    code, _, err = run(capsys, *train_args(photos_dir, tmp_path / "lib"), *extra)
+    assert_one_line_error(code, err, *fragments)
+    assert ConceptLibrary(tmp_path / "lib").names() == []
+
+
+def test_train_refuses_existing_concept_without_overwrite(capsys, tmp_path, photos_dir, fake_tensors):
+    library = ConceptLibrary(tmp_path / "lib")
+    library.save(Concept("mochi", "dog", "tiny", "x", 1), fake_tensors())
+    code, _, err = run(capsys, *train_args(photos_dir, library.root))
+    assert_one_line_error(code, err, "concept 'mochi' already exists", "--overwrite")
+
+
+def test_cancelled_training_exits_130(capsys, tmp_path, photos_dir, monkeypatch):
+    import pipelines.train
+    from pipelines.errors import Cancelled
+
+    def cancelled(*args, **kwargs):
+        raise Cancelled("training of mochi cancelled at step 3 of 30")
+
+    monkeypatch.setattr(pipelines.train, "train_concept", cancelled)
+    code, _, err = run(capsys, *train_args(photos_dir, tmp_path / "lib"))
+    assert code == 130
+    assert err.strip().splitlines()[-1] == ("stopped: training of mochi cancelled at step 3 of 30; run the same command"
+                                             " with --resume to continue")
+
+
+# ---------------------------------------------------------------------------------------------
+# concepts
+
+
+@pytest.fixture
+def small_library(tmp_path, fake_tensors):
+    library = ConceptLibrary(tmp_path / "lib")
+    library.save(Concept("mochi", "dog", "tiny", "0123456789abcdef", 3), fake_tensors(), Image.new("RGB", (4, 4), (5, 6, 7)))
+    library.save(Concept("tama", "cat", "tiny", "0123456789abcdef", 2), fake_tensors(seed=1))
+    return library
+
+
+def test_concepts_list_show_rename_delete(capsys, small_library):
+    root = small_library.root
+    code, out, _ = run(capsys, "concepts", "list", "--library", root)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split()[:2] == ["<mochi>", "dog"] and lines[1].split()[:2] == ["<tama>", "cat"]
+
+    code, out, _ = run(capsys, "concepts", "show", "tama", "--library", root)
+    shown = json.loads(out)
+    assert code == 0 and shown["class_word"] == "cat" and shown["photo_count"] == 2 and shown["path"] == str(root / "tama")
+
+    code, out, _ = run(capsys, "concepts", "rename", "tama", "kuro", "--library", root)
+    assert code == 0 and "renamed <tama> to <kuro>" in out
+    assert small_library.names() == ["kuro", "mochi"]
+
+    code, out, _ = run(capsys, "concepts", "delete", "kuro", "--library", root)
+    assert code == 0 and small_library.names() == ["mochi"]
+
+    code, _, err = run(capsys, "concepts", "show", "kuro", "--library", root)
+    assert_one_line_error(code, err, "unknown concept 'kuro'", "known: mochi")
+    code, _, err = run(capsys, "concepts", "rename", "mochi", "Bad Name", "--library", root)
+    assert_one_line_error(code, err, "new name 'Bad Name' is not valid")
+    code, _, err = run(capsys, "concepts", "delete", "../mochi", "--library", root)
+    assert_one_line_error(code, err, "is not valid")
+    assert small_library.names() == ["mochi"]
+
+
+def test_concepts_list_empty(capsys, tmp_path):
+    code, out, _ = run(capsys, "concepts", "list", "--library", tmp_path / "empty")
+    assert code == 0 and out.startswith("no concepts in")
+    code, out, _ = run(capsys, "concepts", "list", "--json", "--library", tmp_path / "empty")
+    assert json.loads(out) == []
+
+
+def test_concepts_export_import(capsys, tmp_path, small_library):
+    file = tmp_path / "mochi.safetensors"
+    code, out, _ = run(capsys, "concepts", "export", "mochi", file, "--library", small_library.root)
+    assert code == 0 and file.exists()
+    other = tmp_path / "other"
+    code, out, _ = run(capsys, "concepts", "import", file, "--name", "mochi2", "--library", other)
+    assert code == 0 and "imported <mochi2> (dog)" in out
+    assert ConceptLibrary(other).names() == ["mochi2"]
+    # --base checks the architecture: these concepts carry a made-up fingerprint
+    code, _, err = run(capsys, "concepts", "import", file, "--base", "tiny", "--library", tmp_path / "third")
+    assert_one_line_error(code, err, "trained on another architecture")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk" * 10)
+    code, _, err = run(capsys, "concepts", "import", junk, "--library", other)
+    assert_one_line_error(code, err, "junk.safetensors is not a readable .safetensors file")
+    code, _, err = run(capsys, "concepts", "export", "mochi", tmp_path / "mochi.zip", "--library", small_library.root)
+    assert_one_line_error(code, err, "must end in .safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real process
+
+
+def test_user_error_in_a_real_process_exits_2_with_one_line(tmp_path, isolated_env):
+    """`python -m pipelines` prints one line, no traceback and no library chatter, and exits 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MENAGERIE_CACHE": str(isolated_env["cache"])}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI itself must keep libraries quiet
+    env.pop("DIFFUSERS_VERBOSITY", None)
+    process = subprocess.run(
+        [sys.executable, "-m", "pipelines", "generate", "--base", str(tmp_path / "no-model"), "--prompt", "a dog",
+         "--out", str(tmp_path / "x.png"), "--library", str(tmp_path / "lib"), "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert process.stdout == ""
+    assert "Traceback" not in process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert lines == [f"error: --base {str(tmp_path / 'no-model')!r} does not exist; give a Hub id, a diffusers folder"
+                     f" or a .safetensors/.ckpt file"]

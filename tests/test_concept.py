@@ -1,0 +1,330 @@
+"""pipelines.concept: the library on disk, atomic saves, crash recovery, export and import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import pipelines.concept as concept_module
+from pipelines.base import architecture_fingerprint
+from pipelines.concept import Concept, ConceptLibrary, check_class_word, check_compatible, check_name
+from pipelines.errors import UserError
+
+
+def record(name="mochi", photo_count=3, fingerprint="0123456789abcdef", **extra) -> Concept:
+    return Concept(name=name, class_word="dog", base_model="tiny", fingerprint=fingerprint, photo_count=photo_count, **extra)
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def leftovers(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def library(tmp_path):
+    return ConceptLibrary(tmp_path / "library")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and records
+
+
+@pytest.mark.parametrize("name", ["Mochi", "-mochi", "_x", "mo chi", "", "a" * 41, "../evil", "mochi/", "<mochi>", "möchi"])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(UserError, match="is not valid: use 1-40 lowercase letters"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["mochi", "m", "tama_2", "9lives", "a" * 40, "x-y"])
+def test_valid_names(name):
+    assert check_name(name) == name
+
+
+def test_class_word_is_normalised_or_refused():
+    assert check_class_word(" Dog ") == "dog"
+    for bad in ("hot dog", "dog2", "", "chien!"):
+        with pytest.raises(UserError, match="is not valid: use one plain word"):
+            check_class_word(bad)
+
+
+def test_record_json_round_trip():
+    concept = record(settings={"steps": 3}, created="2024-01-01T00:00:00Z")
+    data = concept.to_json()
+    assert data["token"] == "<mochi>" and data["words"] == ["<mochi-r*>", "<mochi-c*>"]
+    assert Concept.from_json(json.loads(json.dumps(data))) == concept
+    with pytest.raises(UserError, match="concept record lacks fingerprint, photo_count"):
+        Concept.from_json({"name": "x", "class_word": "dog", "base_model": "tiny"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Library operations
+
+
+def test_save_list_show(library, fake_tensors):
+    preview = Image.new("RGB", (8, 8), (1, 2, 3))
+    folder = library.save(record("tama", photo_count=2), fake_tensors(seed=1))
+    library.save(record("mochi"), fake_tensors(), preview)
+    assert folder == library.root / "tama"
+    assert sorted(os.listdir(library.root / "mochi")) == ["concept.json", "concept.safetensors", "preview.png"]
+    assert library.names() == ["mochi", "tama"]
+    assert [c.name for c in library.list()] == ["mochi", "tama"]
+    shown = library.get("tama")
+    assert (shown.class_word, shown.photo_count, shown.base_model) == ("dog", 2, "tiny")
+    assert shown.created.endswith("Z")
+    assert_same_tensors(library.weights("tama"), fake_tensors(seed=1))
+    assert library.preview_path("tama") is None
+    assert np.array_equal(np.asarray(Image.open(library.preview_path("mochi"))), np.asarray(preview))
+    assert leftovers(library.root) == []
+
+
+def test_save_refuses_existing_name_without_overwrite(library, fake_tensors):
+    library.save(record(), fake_tensors())
+    with pytest.raises(UserError, match="concept 'mochi' already exists"):
+        library.save(record(photo_count=9), fake_tensors(seed=5), overwrite=False)
+    assert library.get("mochi").photo_count == 3
+    library.save(record(photo_count=9), fake_tensors(seed=5))
+    assert library.get("mochi").photo_count == 9
+    assert_same_tensors(library.weights("mochi"), fake_tensors(seed=5))
+
+
+def test_save_refuses_bad_tensors_and_names(library, fake_tensors):
+    tensors = fake_tensors()
+    del tensors["embeddings"]
+    with pytest.raises(UserError, match="no 'embeddings' tensor"):
+        library.save(record(), tensors)
+    with pytest.raises(UserError, match="is not valid"):
+        library.save(record("Bad Name"), fake_tensors())
+    assert library.names() == [] and leftovers(library.root) == []
+
+
+def test_rename(library, fake_tensors):
+    library.save(record("mochi"), fake_tensors(), Image.new("RGB", (4, 4)))
+    library.save(record("tama"), fake_tensors(seed=1))
+    renamed = library.rename("mochi", "kuro")
+    assert renamed.name == "kuro"
+    assert library.names() == ["kuro", "tama"]
+    data = json.loads((library.root / "kuro" / "concept.json").read_text())
+    assert data["name"] == "kuro" and data["token"] == "<kuro>"
+    assert_same_tensors(library.weights("kuro"), fake_tensors())
+    assert library.preview_path("kuro") is not None
+    with pytest.raises(UserError, match="a concept named 'tama' already exists"):
+        library.rename("kuro", "tama")
+    with pytest.raises(UserError, match="new name 'Kuro!' is not valid"):
+        library.rename("kuro", "Kuro!")
+    with pytest.raises(UserError, match="unknown concept 'mochi'"):
+        library.rename("mochi", "x")
+    assert leftovers(library.root) == []
+
+
+def test_delete_and_unknown_concepts(library, fake_tensors):
+    library.save(record("mochi"), fake_tensors())
+    library.save(record("tama"), fake_tensors())
+    library.delete("mochi")
+    assert library.names() == ["tama"]
+    assert not (library.root / "mochi").exists() and leftovers(library.root) == []
+    with pytest.raises(UserError, match=r"unknown concept 'mochi' in library .* \(known: tama\)"):
+        library.get("mochi")
+    with pytest.raises(UserError, match="unknown concept 'mochi'"):
+        library.delete("mochi")
+    with pytest.raises(UserError, match="is not valid"):
+        library.get("../tama")
+
+
+def test_unreadable_record_is_a_user_error(library, fake_tensors):
+    library.save(record(), fake_tensors())
+    (library.root / "mochi" / "concept.json").write_text("{not json")
+    with pytest.raises(UserError, match="concept.json is unreadable"):
+        library.get("mochi")
+    (library.root / "mochi" / "concept.safetensors").unlink()
+    with pytest.raises(UserError, match="has no concept.safetensors; delete it and train it again"):
+        library.weights("mochi")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes mid-save
+
+
+def version_two(fake_tensors):
+    return record(photo_count=7), fake_tensors(seed=2)
+
+
+def assert_version_one_intact(root, fake_tensors):
+    reopened = ConceptLibrary(root)
+    assert reopened.names() == ["mochi"]
+    assert reopened.get("mochi").photo_count == 3
+    assert_same_tensors(reopened.weights("mochi"), fake_tensors())
+    assert leftovers(root) == []
+
+
+def test_crash_while_writing_weights_keeps_old_version(library, fake_tensors, monkeypatch):
+    library.save(record(), fake_tensors())
+
+    def half_written(tensors, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"\x00" * 100)  # a torn write
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(concept_module, "save_file", half_written)
+    with pytest.raises(OSError, match="simulated"):
+        library.save(*version_two(fake_tensors))
+    monkeypatch.undo()
+    assert_version_one_intact(library.root, fake_tensors)
+
+
+def failing_replace(monkeypatch, fail_on_call: int):
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((str(src), str(dst)))
+        if len(calls) == fail_on_call:
+            raise OSError("power cut (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(concept_module.os, "replace", replace)
+    return calls
+
+
+def test_crash_before_the_first_rename_keeps_old_version(library, fake_tensors, monkeypatch):
+    library.save(record(), fake_tensors())
+    failing_replace(monkeypatch, fail_on_call=1)
+    with pytest.raises(OSError, match="simulated"):
+        library.save(*version_two(fake_tensors))
+    monkeypatch.undo()
+    assert library.names() == ["mochi"]
+    assert_version_one_intact(library.root, fake_tensors)
+
+
+def test_crash_between_the_two_renames_is_recovered_on_open(library, fake_tensors, monkeypatch):
+    """First rename (old version aside) done, second (new version in) fails: the concept is
+    briefly missing; the next ConceptLibrary() puts the old version back."""
+    library.save(record(), fake_tensors())
+    calls = failing_replace(monkeypatch, fail_on_call=2)
+    with pytest.raises(OSError, match="simulated"):
+        library.save(*version_two(fake_tensors))
+    monkeypatch.undo()
+    assert calls[0][1].endswith(".old-mochi") and ".staging-mochi-" in calls[1][0]
+    assert not (library.root / "mochi").exists()
+    assert leftovers(library.root) == [".old-mochi"]  # the staging copy was cleaned up
+    assert_version_one_intact(library.root, fake_tensors)
+
+
+def test_open_drops_stale_old_copy_and_staging(library, fake_tensors):
+    """A crash after the swap (while deleting the old copy) leaves the new version in place."""
+    library.save(record(photo_count=7), fake_tensors(seed=2))
+    (library.root / ".old-mochi").mkdir()
+    (library.root / ".old-mochi" / "concept.json").write_text("{}")
+    (library.root / ".staging-tama-1234abcd").mkdir()
+    reopened = ConceptLibrary(library.root)
+    assert reopened.names() == ["mochi"] and reopened.get("mochi").photo_count == 7
+    assert leftovers(library.root) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and import
+
+
+@pytest.fixture
+def trained_library(tmp_path, trained):
+    library = ConceptLibrary(tmp_path / "trained-library")
+    library.save(dataclasses.replace(trained.concept), trained.tensors, trained.preview)
+    return library
+
+
+def test_export_import_round_trips_bit_for_bit(trained_library, trained, tmp_path):
+    exported = trained_library.export("mochi", tmp_path / "out" / "mochi.safetensors")
+    assert exported.exists() and leftovers(exported.parent) == []
+    other = ConceptLibrary(tmp_path / "other")
+    imported = other.import_file(exported)
+    assert imported.name == "mochi"
+    assert_same_tensors(other.weights("mochi"), trained.tensors)
+    assert other.get("mochi").to_json() == trained_library.get("mochi").to_json()
+    original = np.asarray(Image.open(trained_library.preview_path("mochi")))
+    assert np.array_equal(np.asarray(Image.open(other.preview_path("mochi"))), original)
+    assert np.array_equal(original, np.asarray(trained.preview))
+
+
+def test_import_under_another_name(trained_library, trained, tmp_path):
+    exported = trained_library.export("mochi", tmp_path / "mochi.safetensors")
+    imported = trained_library.import_file(exported, name="mochi-copy")
+    assert imported.name == "mochi-copy"
+    assert trained_library.names() == ["mochi", "mochi-copy"]
+    assert trained_library.get("mochi-copy").to_json()["token"] == "<mochi-copy>"
+    assert_same_tensors(trained_library.weights("mochi-copy"), trained.tensors)
+    with pytest.raises(UserError, match="concept 'mochi' already exists"):
+        trained_library.import_file(exported)
+    with pytest.raises(UserError, match="is not valid"):
+        trained_library.import_file(exported, name="Not Valid")
+
+
+def test_export_needs_safetensors_suffix(trained_library, tmp_path):
+    with pytest.raises(UserError, match=r"must end in \.safetensors"):
+        trained_library.export("mochi", tmp_path / "mochi.pt")
+    assert not (tmp_path / "mochi.pt").exists()
+
+
+def other_architecture(base):
+    """The tiny base with a 48-d text encoder: a real model of another architecture."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    wider = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77))
+    return dataclasses.replace(base, name="wide-test", text_encoder=wider, fingerprint=architecture_fingerprint(base.unet, wider))
+
+
+def test_import_onto_another_architecture_is_refused(trained_library, tmp_path, base):
+    exported = trained_library.export("mochi", tmp_path / "mochi.safetensors")
+    other = ConceptLibrary(tmp_path / "other")
+    other.import_file(exported, base=base)  # the same architecture is fine
+    wide = other_architecture(base)
+    assert wide.fingerprint != base.fingerprint
+    with pytest.raises(UserError, match=r"was trained on another architecture .*fingerprint " + base.fingerprint
+                       + r".* has fingerprint " + wide.fingerprint):
+        other.import_file(exported, name="wide", base=wide)
+    # even with a forged fingerprint, the shapes are checked tensor by tensor
+    forged = dataclasses.replace(wide, fingerprint=base.fingerprint)
+    with pytest.raises(UserError, match="concept embeddings are 32-d; this base's text encoder uses 48-d"):
+        other.import_file(exported, name="wide", base=forged)
+    assert other.names() == ["mochi"]
+    concept = other.get("mochi")
+    with pytest.raises(UserError, match=re.escape(f"Use --base {concept.base_model} or retrain the concept on this base")):
+        check_compatible(concept, wide)
+    check_compatible(concept, base)
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path, library, fake_tensors):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match=r"corrupt\.safetensors is not a readable \.safetensors file"):
+        library.import_file(corrupt)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(UserError, match=r"foreign\.safetensors is not a Menagerie concept export \(format None\)"):
+        library.import_file(foreign)
+    bad_json = tmp_path / "bad_json.safetensors"
+    save_file(fake_tensors(), bad_json, metadata={"format": "menagerie-edlora-v1", "concept": "{oops"})
+    with pytest.raises(UserError, match="not valid JSON"):
+        library.import_file(bad_json)
+    nan = tmp_path / "nan.safetensors"
+    tensors = fake_tensors()
+    tensors["embeddings"][0, 0, 0] = float("nan")
+    save_file(tensors, nan, metadata={"format": "menagerie-edlora-v1", "concept": json.dumps(record().to_json())})
+    with pytest.raises(UserError, match="'embeddings' contains NaN"):
+        library.import_file(nan)
+    with pytest.raises(UserError, match="does not exist"):
+        library.import_file(tmp_path / "missing.safetensors")
+    assert library.names() == [] and leftovers(library.root) == []
+    assert load_file(foreign)["weight"].shape == (3,)  # refused files are left alone

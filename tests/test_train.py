@@ -1,0 +1,476 @@
+"""pipelines.train: photos, augmentation, loss, and the ED-LoRA training loop on the tiny model."""
+
+from __future__ import annotations
+
+import random
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipelines.train as train_module
+from pipelines.edlora import lora_parameters
+from pipelines.errors import Cancelled, UserError
+from pipelines.layerwise import encode_layerwise
+from pipelines.train import (
+    CHECKPOINT_FILE,
+    OBJECT_TEMPLATES,
+    caption,
+    default_steps,
+    embedding_norm,
+    find_masks,
+    find_photos,
+    load_photo,
+    load_training_set,
+    masked_mse,
+    resize_crop_paste,
+    to_tensors,
+    train_concept,
+)
+
+from conftest import procedural_photo, quick_config
+
+
+@pytest.fixture(scope="module")
+def pristine_base(tiny_dir):
+    """A base shared by tests whose training is refused before it touches the model."""
+    from pipelines.base import load_base
+
+    return load_base(str(tiny_dir), device="cpu")
+
+
+def concept_vectors(base, name="mochi"):
+    return base.text_encoder.get_input_embeddings().concept_vectors[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos
+
+
+def test_find_photos_sorts_images_and_skips_other_files(tmp_path):
+    for name in ("b.png", "a.jpg", "notes.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in find_photos([tmp_path])] == ["a.jpg", "b.png"]
+
+
+def test_folder_without_images_is_a_user_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no photos here")
+    with pytest.raises(UserError, match="no images found in .*; add JPEG/PNG/WebP photos"):
+        find_photos([tmp_path])
+    with pytest.raises(UserError, match="does not exist"):
+        find_photos([tmp_path / "missing"])
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("this is not a JPEG")
+    with pytest.raises(UserError, match=r"cannot read image '.*broken\.jpg'.*replace it with a JPEG or PNG"):
+        load_photo(bad)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (rotate 90) loads as portrait."""
+    path = tmp_path / "phone.jpg"
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    image.paste((10, 10, 200), (0, 0, 10, 20))  # blue band on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif.tobytes(), quality=95)
+    loaded = load_photo(path)
+    assert loaded.size == (20, 40)
+    assert loaded.mode == "RGB"
+    top = np.asarray(loaded)[:5, :, 2].mean()
+    bottom = np.asarray(loaded)[-5:, :, 2].mean()
+    assert top > 150 > bottom  # orientation 6: the left edge becomes the top
+
+
+def test_rgba_and_grey_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (0, 0, 4, 8))  # left half fully transparent
+    rgba.save(tmp_path / "alpha.png")
+    loaded = np.asarray(load_photo(tmp_path / "alpha.png"))
+    assert loaded.shape == (8, 8, 3)
+    assert (loaded[:, :4] == 255).all()  # transparent -> white
+    assert (loaded[:, 4:] == [255, 0, 0]).all()
+    Image.new("L", (8, 6), 77).save(tmp_path / "grey.png")
+    grey = load_photo(tmp_path / "grey.png")
+    assert grey.mode == "RGB" and grey.size == (8, 6)
+    assert (np.asarray(grey) == 77).all()
+
+
+def test_masks_are_matched_by_stem_and_checked(tmp_path):
+    photos_dir, masks_dir = tmp_path / "photos", tmp_path / "masks"
+    photos_dir.mkdir()
+    masks_dir.mkdir()
+    procedural_photo(0).save(photos_dir / "one.png")
+    procedural_photo(1).save(photos_dir / "two.jpg")
+    photos = find_photos([photos_dir])
+    Image.new("L", (64, 64), 255).save(masks_dir / "one.png")
+    with pytest.raises(UserError, match=r"no mask for photo two\.jpg .*two\.png"):
+        find_masks(masks_dir, photos)
+    Image.new("L", (32, 32), 255).save(masks_dir / "two.png")
+    masks = find_masks(masks_dir, photos)
+    with pytest.raises(UserError, match=r"mask two\.png is 32x32, its photo 64x64"):
+        load_training_set(photos, masks)
+    Image.new("L", (64, 64), 0).save(masks_dir / "two.png")
+    with pytest.raises(UserError, match=r"mask two\.png is empty"):
+        load_training_set(photos, masks)
+
+
+def test_fewer_than_three_photos_warn(tmp_path):
+    paths = []
+    for i in range(2):
+        procedural_photo(i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        photos, masks = load_training_set(paths)
+    assert [p.size for p in photos] == [(64, 64), (64, 64)] and masks is None
+    assert [str(w.message) for w in caught] == ["only 2 photo(s): identity is learned better from 3 or more"]
+    procedural_photo(2).save(tmp_path / "2.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_training_set(paths + [tmp_path / "2.png"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers, against hand-derived numbers
+
+
+def test_default_steps_is_500_examples_per_photo():
+    assert default_steps(5, 2) == 1250
+    assert default_steps(3, 4) == 375
+    assert default_steps(1, 3) == 167
+
+
+def test_masked_mse_normalises_by_mask_area():
+    prediction = torch.zeros(2, 4, 2, 2)
+    target = torch.ones(2, 4, 2, 2)
+    target[0, :, 0, 0] = 3.0  # error 9 on one pixel of sample 0
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[0, 0, 0, :] = 1.0  # sample 0: two pixels, errors 9 and 1 -> 5
+    # sample 1: empty mask -> 0 (area clamped to 1)
+    assert masked_mse(prediction, target, mask).item() == pytest.approx((5.0 + 0.0) / 2)
+    mask[1] = 1.0  # sample 1: four pixels of error 1 -> 1
+    assert masked_mse(prediction, target, mask).item() == pytest.approx((5.0 + 1.0) / 2)
+
+
+def test_embedding_norm_is_mean_l2_norm():
+    vectors = torch.zeros(2, 16, 4)
+    vectors[0] = 3.0  # norm 6
+    vectors[1, :, 0] = 2.0  # norm 2
+    assert embedding_norm(vectors) == pytest.approx(4.0)
+
+
+def test_resize_crop_paste_geometry():
+    """Landscape, no crop: resized to 64x32 and pasted at a random height; the pasted mask says where."""
+    image = procedural_photo(0, (128, 64))
+    canvas, subject, pasted = resize_crop_paste(image, None, 64, 0.0, random.Random(1))
+    assert canvas.size == (64, 64) and subject is None
+    area = np.asarray(pasted) > 127
+    assert area.sum() == 64 * 32
+    rows = np.where(area.any(axis=1))[0]
+    assert rows.max() - rows.min() + 1 == 32
+    assert (np.asarray(canvas)[~area] == 0).all()  # black outside the pasted area
+    # crop always: a 64-wide crop of the 128x64 resize fills the whole canvas
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 64, 64))
+    canvas, subject, pasted = resize_crop_paste(image, mask, 64, 1.0, random.Random(1))
+    assert (np.asarray(pasted) == 255).all()
+    assert subject.size == (64, 64) and 0 < (np.asarray(subject) > 127).sum() <= 64 * 64
+
+
+def test_portrait_crop_keeps_the_top():
+    """Portrait crops keep the top part (where a head is), never the bottom alone."""
+    image = Image.new("RGB", (64, 128), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 64, 16))  # white top band
+    for seed in range(5):
+        canvas, _, pasted = resize_crop_paste(image, None, 64, 1.0, random.Random(seed))
+        area = np.asarray(pasted) > 127
+        rows = np.where(area.any(axis=1))[0]
+        assert (np.asarray(canvas)[rows.min(), area[rows.min()]] > 200).all()
+
+
+def test_to_tensors_scales_pixels_and_downsamples_mask():
+    canvas = Image.new("RGB", (64, 64), (255, 0, 128))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    pixels, small = to_tensors(canvas, mask, 8)
+    assert pixels.shape == (3, 64, 64) and small.shape == (1, 8, 8)
+    assert pixels[0].eq(1.0).all() and pixels[1].eq(-1.0).all()
+    assert small[0, :, :4].eq(1).all() and small[0, :, 4:].eq(0).all()
+
+
+def test_caption_uses_object_templates_with_the_token():
+    text = caption("mochi", random.Random(0))
+    assert "<mochi>" in text
+    assert text in {t.format("<mochi>") for t in OBJECT_TEMPLATES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration errors (raised before the base is touched)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(steps=0), "--steps must be at least 1, got 0"),
+        (dict(batch_size=0), "batch size must be a positive integer, got 0"),
+        (dict(lr_unet_lora=-1e-4), "lr_unet_lora must be 0 or more"),
+        (dict(name="Mochi!"), "concept name 'Mochi!' is not valid"),
+        (dict(class_word="hot dog"), "class word 'hot dog' is not valid"),
+        (dict(class_word="xylophonists"), r"class word 'xylophonists' is 4 tokens for CLIP; choose a common single word"),
+        (dict(resolution=96), "--resolution 96 must be a multiple of 64"),
+    ],
+)
+def test_bad_training_settings_are_user_errors(pristine_base, photo, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train_concept(pristine_base, [photo], quick_config(**overrides))
+    assert len(pristine_base.tokenizer) == 49408  # refused before anything was added to the base
+
+
+def test_mask_count_must_match_photos(pristine_base, photo):
+    with pytest.raises(UserError, match="1 masks for 2 photos"):
+        train_concept(pristine_base, [photo, photo], quick_config(), masks=[Image.new("L", (64, 64), 255)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: initialisation, groups, loss, freeze, resume
+
+
+def test_embeddings_start_from_class_word_and_one_random_draw(fresh_base, photo):
+    """With all learning rates 0 the result holds the init: V_class = the class word's row in every
+    layer; V_rand = one small random vector shared by all 16 layers, scaled by rand_init_std."""
+    zero = dict(steps=1, lr_embedding=0.0, lr_text_lora=0.0, lr_unet_lora=0.0)
+    base = fresh_base()
+    dog_row = base.text_encoder.get_input_embeddings().weight[1929].detach().clone()
+    result = train_concept(base, [photo], quick_config(**zero))
+    embeddings = result.tensors["embeddings"]
+    assert embeddings.shape == (2, 16, 32)
+    for layer in range(16):
+        assert torch.equal(embeddings[1, layer], dog_row)
+        assert torch.equal(embeddings[0, layer], embeddings[0, 0])
+    v_rand = embeddings[0, 0]
+    assert 0.007 < v_rand.std().item() < 0.019  # N(0, 0.013^2), 32 samples
+    assert 0.04 < v_rand.norm().item() < 0.11  # about 0.013 * sqrt(32) = 0.074
+    assert result.embeddings_frozen_at is None
+
+    doubled = train_concept(fresh_base(), [photo], quick_config(**zero, rand_init_std=0.026)).tensors["embeddings"]
+    assert torch.allclose(doubled[0], 2 * embeddings[0], atol=1e-8)  # same draw, twice the scale
+    other_seed = train_concept(fresh_base(), [photo], quick_config(**zero, seed=1)).tensors["embeddings"]
+    assert not torch.allclose(other_seed[0, 0], v_rand)
+    assert torch.equal(other_seed[1], embeddings[1])
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that remembers itself and each step's learning rates."""
+
+    made: list["RecordingAdamW"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_history: list[list[float]] = []
+        RecordingAdamW.made.append(self)
+
+    def step(self, closure=None):
+        self.lr_history.append([group["lr"] for group in self.param_groups])
+        return super().step(closure)
+
+
+def test_optimizer_groups_learning_rates_and_linear_decay(base, photo, monkeypatch):
+    """Three AdamW groups: embeddings 1e-3, text LoRA 1e-5, UNet LoRA 1e-4; wd 0.01; linear to 0."""
+    RecordingAdamW.made = []
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    train_concept(base, [photo], quick_config(steps=4))
+    (optimizer,) = RecordingAdamW.made
+    groups = optimizer.param_groups
+    assert len(groups) == 3
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-5, 1e-4]
+    assert all(g["weight_decay"] == 0.01 and g["betas"] == (0.9, 0.999) for g in groups)
+    expected = [[lr * (4 - k) / 4 for lr in (1e-3, 1e-5, 1e-4)] for k in range(4)]
+    assert np.allclose(optimizer.lr_history, expected, rtol=1e-9, atol=0)
+    assert [g["lr"] for g in groups] == [0.0, 0.0, 0.0]  # decayed to 0 at the last step
+
+    assert len(groups[0]["params"]) == 1 and groups[0]["params"][0] is concept_vectors(base)
+    text = lora_parameters(base.text_encoder, "mochi")
+    unet = lora_parameters(base.unet, "mochi")
+    assert len(text) == 16 and len(unet) == 256
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in text}
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in unet}
+    trainable = {id(p) for p in text + unet + [concept_vectors(base)]}
+    frozen = {id(p) for p in list(base.unet.parameters()) + list(base.text_encoder.parameters())} - trainable
+    assert len(frozen) > 100
+    assert not frozen & {id(p) for g in groups for p in g["params"]}
+
+
+def test_training_changes_only_concept_weights(fresh_base, photo):
+    """Base vocabulary rows and every frozen UNet/text-encoder weight are bit-identical after training."""
+    reference = fresh_base()
+    base = fresh_base()
+    result = train_concept(base, [photo], quick_config(steps=2))
+
+    def frozen_state(model):
+        return {n.replace(".base_layer", ""): p for n, p in model.named_parameters()
+                if "lora_" not in n and "concept_vectors" not in n}
+
+    for trained_model, fresh_model in ((base.unet, reference.unet), (base.text_encoder, reference.text_encoder)):
+        trained_state, fresh_state = frozen_state(trained_model), frozen_state(fresh_model)
+        trained_state = {n.replace("token_embedding.base_table", "token_embedding"): p for n, p in trained_state.items()}
+        assert trained_state.keys() == fresh_state.keys()
+        for name, param in fresh_state.items():
+            assert torch.equal(trained_state[name], param), name
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+
+def test_result_record_and_progress_reports(base, photo):
+    reports = []
+    result = train_concept(base, [photo, procedural_photo(1)], quick_config(steps=3), callback=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3] and {r.total for r in reports} == {3}
+    assert [r.loss for r in reports] == result.losses
+    assert all(r.eta_seconds >= 0 and r.embedding_norm > 0 for r in reports)
+    assert reports[-1].eta_seconds == 0
+    record = result.concept
+    assert (record.name, record.class_word, record.photo_count) == ("mochi", "dog", 2)
+    assert record.fingerprint == base.fingerprint and record.is_test_model is True
+    assert record.settings["steps"] == 3 and record.settings["resolution"] == 64
+    assert record.settings["final_loss"] == result.losses[-1]
+    assert result.preview.size == (64, 64) and result.preview.mode == "RGB"
+
+
+def test_loss_mask_is_the_subject_mask(base, photo, monkeypatch):
+    """With a subject mask, the loss weights exactly the subject's latent pixels."""
+    seen = []
+    real = train_module.masked_mse
+
+    def spy(prediction, target, mask):
+        seen.append(mask.clone())
+        return real(prediction, target, mask)
+
+    monkeypatch.setattr(train_module, "masked_mse", spy)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the subject is the left half
+    train_concept(base, [photo], quick_config(steps=1), masks=[mask])
+    (loss_mask,) = seen
+    assert loss_mask.shape == (1, 1, 8, 8)
+    assert loss_mask[0, 0, :, :4].eq(1).all() and loss_mask[0, 0, :, 4:].eq(0).all()
+
+
+@torch.no_grad()
+def fixed_batch_loss(base, photo, name="mochi"):
+    """The masked diffusion loss at fixed noise and timesteps (training samples them randomly)."""
+    from diffusers import DDPMScheduler
+
+    canvas, _, pasted = resize_crop_paste(photo, None, 64, 0.0, random.Random(0))
+    pixels, mask = to_tensors(canvas, pasted, 8)
+    count = 8
+    latents = base.vae.encode(pixels[None]).latent_dist.mean * base.vae.config.scaling_factor
+    latents = latents.repeat(count, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(123))
+    timesteps = torch.linspace(50, 950, count).long()
+    noisy = DDPMScheduler.from_config(base.scheduler_config).add_noise(latents, noise, timesteps)
+    context = encode_layerwise(base.tokenizer, base.text_encoder, [f"a photo of <{name}>"] * count)
+    prediction = base.unet(noisy, timesteps, encoder_hidden_states=context).sample
+    return masked_mse(prediction, noise, mask[None].expand(count, -1, -1, -1)).item()
+
+
+def test_loss_falls_on_a_fixed_batch(fresh_base, photo):
+    """40 steps on one photo lower the diffusion loss at fixed noise/timesteps by more than 10%."""
+    untrained = fresh_base()
+    train_concept(untrained, [photo], quick_config(steps=1, lr_embedding=0.0, lr_text_lora=0.0, lr_unet_lora=0.0))
+    before = fixed_batch_loss(untrained, photo)
+    base = fresh_base()
+    train_concept(base, [photo], quick_config(steps=40, lr_unet_lora=2e-2, lr_text_lora=2e-3))
+    after = fixed_batch_loss(base, photo)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_norm_stop_freezes_embeddings_but_not_lora(fresh_base, photo):
+    """The stop fires the first step the mean norm reaches the threshold; afterwards the embeddings
+    stay exactly as they were at that step while the LoRA keeps changing."""
+    settings = dict(steps=6, lr_embedding=2e-2)
+    probe = []
+    train_concept(fresh_base(), [photo], quick_config(**settings), callback=probe.append)
+    norms = [p.embedding_norm for p in probe]
+    assert norms[0] < norms[2] and not any(p.embeddings_frozen for p in probe)  # 0.55 is never reached here
+    threshold = norms[2]  # reached first at step 3 in an identical run
+
+    base = fresh_base()
+    snapshots = {}
+
+    def snapshot(progress):
+        snapshots[progress.step] = (progress.embeddings_frozen, concept_vectors(base).detach().clone(),
+                                    lora_parameters(base.unet, "mochi")[1].detach().clone())
+
+    result = train_concept(base, [photo], quick_config(**settings, emb_norm_stop=threshold), callback=snapshot)
+    assert result.embeddings_frozen_at == 3
+    assert result.concept.settings["embeddings_frozen_at"] == 3
+    assert [snapshots[s][0] for s in range(1, 7)] == [False, False, True, True, True, True]
+    assert not torch.equal(snapshots[2][1], snapshots[3][1])  # step 3 itself still updated them
+    for step in (4, 5, 6):
+        assert torch.equal(snapshots[step][1], snapshots[3][1])
+    assert torch.equal(result.tensors["embeddings"], snapshots[3][1])
+    assert not torch.equal(snapshots[6][2], snapshots[3][2])  # a UNet lora_B kept training
+
+
+def test_norm_stop_below_the_start_fires_at_step_1(base, photo):
+    first = {}
+    result = train_concept(base, [photo], quick_config(steps=3, emb_norm_stop=0.0),
+                           callback=lambda p: first.setdefault("v", concept_vectors(base).detach().clone()))
+    assert result.embeddings_frozen_at == 1
+    assert torch.equal(result.tensors["embeddings"], first["v"])
+
+
+def test_same_seed_same_result_other_seed_differs(fresh_base, photo):
+    photos = [photo, procedural_photo(1)]
+    config = quick_config(steps=3, crop_probability=0.5)
+    a = train_concept(fresh_base(), photos, config)
+    b = train_concept(fresh_base(), photos, config)
+    c = train_concept(fresh_base(), photos, quick_config(steps=3, crop_probability=0.5, seed=1))
+    assert a.losses == b.losses
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert np.array_equal(np.asarray(a.preview), np.asarray(b.preview))
+    assert a.losses != c.losses
+    assert not torch.equal(a.tensors["embeddings"], c.tensors["embeddings"])
+
+
+def test_cancel_then_resume_equals_an_uninterrupted_run(fresh_base, photo, tmp_path):
+    """Cancel at step 6 of 12 (checkpoint written), resume on a fresh base: bit-identical result."""
+    photos = [photo, procedural_photo(1)]
+    config = quick_config(steps=12, batch_size=2, crop_probability=0.5, checkpoint_every=4)
+    uninterrupted = train_concept(fresh_base(), photos, config)
+
+    cancel = threading.Event()
+    checkpoints = tmp_path / "checkpoints"
+
+    def stop_at_6(progress):
+        if progress.step == 4:
+            assert torch.load(checkpoints / CHECKPOINT_FILE, weights_only=False)["step"] == 4  # periodic one
+        if progress.step == 6:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="cancelled at step 6 of 12"):
+        train_concept(fresh_base(), photos, config, callback=stop_at_6, cancel=cancel, checkpoint_dir=checkpoints)
+    payload = torch.load(checkpoints / CHECKPOINT_FILE, weights_only=False)
+    assert payload["step"] == 6 and len(payload["losses"]) == 6
+
+    steps_seen = []
+    resumed = train_concept(fresh_base(), photos, config, callback=lambda p: steps_seen.append(p.step),
+                            checkpoint_dir=checkpoints, resume=True)
+    assert steps_seen == list(range(7, 13))
+    assert resumed.losses == uninterrupted.losses
+    assert resumed.tensors.keys() == uninterrupted.tensors.keys()
+    for key in uninterrupted.tensors:
+        assert torch.equal(resumed.tensors[key], uninterrupted.tensors[key]), key
+    assert not (checkpoints / CHECKPOINT_FILE).exists()  # removed once training finished
+
+
+def test_resume_with_other_settings_is_refused(fresh_base, photo, tmp_path):
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        train_concept(fresh_base(), [photo], quick_config(steps=4), callback=lambda p: cancel.set(), cancel=cancel,
+                      checkpoint_dir=tmp_path)
+    with pytest.raises(UserError, match="made with other settings; train without --resume"):
+        train_concept(fresh_base(), [photo], quick_config(steps=4, lr_unet_lora=5e-4), checkpoint_dir=tmp_path, resume=True)
