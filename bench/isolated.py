@@ -100,6 +100,29 @@ def main() -> None:
         config = IsolateConfig(prompt="a dog, a cat and a bird on the grass", subjects=subjects, steps=30, t_lay=0.75)
         seconds = timed(lambda: isolate(base, library, config, detector=stand_in_detector))
         results[f"sample_isolated{count}_s"] = round(seconds, 3)
+        # where the time goes, in one more run: stage boundaries from the progress callback
+        marks = {}
+
+        def on_step(stage: str, step: int, total: int) -> None:
+            sync()
+            now = time.perf_counter()
+            marks.setdefault(stage, [now, now, total])[1] = now
+
+        sync()
+        start = time.perf_counter()
+        isolate(base, library, config, detector=stand_in_detector, callback=on_step)
+        sync()
+        end = time.perf_counter()
+        layout_first, layout_last, _ = marks["layout"]
+        isolate_first, isolate_last, isolate_steps = marks["isolate"]
+        results[f"isolated{count}_breakdown_s"] = {
+            "setup_and_first_layout_step": round(layout_first - start, 3),
+            "layout_steps": round(layout_last - layout_first, 3),
+            "detect_and_branch_setup": round(isolate_first - layout_last, 3),
+            "isolate_steps": round(isolate_last - isolate_first, 3),
+            "decode": round(end - isolate_last, 3),
+            "isolate_step_count": isolate_steps,
+        }
         results[f"isolated{count}_ratio_to_plain"] = round(seconds / results["sample_plain_s"], 3)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(("sample", "isolated"))}), flush=True)
 

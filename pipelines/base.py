@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class BaseModel:
     is_test_model: bool  # True for tiny random models: their output is noise
     fingerprint: str  # architecture hash; concepts carry it and are refused on another one
     fused: str | None = None  # folder of the fused model written into these weights, if any
+    loaded_concepts: dict = field(default_factory=dict)  # concept name -> digest of what apply_concept loaded
 
     @property
     def vae_scale_factor(self) -> int:

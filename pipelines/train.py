@@ -352,6 +352,7 @@ def train_concept(
     vectors = add_concept_tokens(base.tokenizer, base.text_encoder, config.name, init)
     install_layerwise_attention(base.unet)
     adapter = config.name
+    base.loaded_concepts.pop(adapter, None)  # the adapter below is new, not what apply_concept loaded
     for model, targets in ((base.text_encoder, TEXT_ENCODER_TARGETS), (base.unet, UNET_TARGETS)):
         add_lora(model, adapter, targets, config.rank)
         set_active_adapters(model, [adapter])

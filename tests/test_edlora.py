@@ -195,3 +195,24 @@ def test_check_concept_tensors_against_a_base_names_the_bad_tensor(fake_tensors,
         check_concept_tensors(tensors, base)
     with pytest.raises(UserError, match="concept embeddings are 48-d; this base's text encoder uses 32-d"):
         check_concept_tensors(fake_tensors(dim=48), base)
+
+
+def test_merged_adapter_matches_unmerged_lora_and_restores_weights_exactly(trained_base, base):
+    """Folding the UNet LoRA into the weights gives the unmerged output; the originals come back bit for bit."""
+    from pipelines.edlora import lora_layers, merged_adapter
+
+    _, result = trained_base
+    tensors = {k: (torch.randn_like(v) * 0.2 if ".lora_B." in k else v) for k, v in result.tensors.items()}  # a visible delta
+    apply_concept(base, "mochi", tensors, lora_scale=1.0)
+    set_active_adapters(base.unet, ["mochi"])
+    unmerged = fixed_unet_output(base, "a photo of a dog")
+    originals = {name: layer.get_base_layer().weight.clone() for name, layer in lora_layers(base.unet).items()}
+    with merged_adapter(base.unet, "mochi"):
+        merged = fixed_unet_output(base, "a photo of a dog")
+        changed = [n for n, layer in lora_layers(base.unet).items() if not torch.equal(layer.get_base_layer().weight, originals[n])]
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert len(changed) == 128  # every UNet LoRA layer was folded
+    for name, layer in lora_layers(base.unet).items():
+        assert torch.equal(layer.get_base_layer().weight, originals[name]), name
+    set_active_adapters(base.unet, [])
+    assert not torch.allclose(fixed_unet_output(base, "a photo of a dog"), unmerged, atol=1e-4)
