@@ -60,7 +60,7 @@ def cmd_train(args) -> None:
     from .base import load_base
     from .concept import ConceptLibrary, check_name
     from .errors import UserError
-    from .train import TrainConfig, find_masks, find_photos, load_training_set, train_concept
+    from .train import TrainConfig, check_train_config, find_masks, find_photos, load_training_set, train_concept
 
     # 1. Check everything that needs no model
     library = ConceptLibrary(args.library)
@@ -91,6 +91,8 @@ def cmd_train(args) -> None:
         lr_text_lora=args.lr_text_lora, lr_unet_lora=args.lr_unet_lora, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
+
+    check_train_config(config, len(photos))  # bad settings fail before the model loads
 
     # 2. Train, with a progress bar; Ctrl-C sets the cancel event so a checkpoint is written
     base = load_base(args.base, device=args.device, dtype=args.dtype)
@@ -220,9 +222,12 @@ def cmd_fuse(args) -> None:
     for name in names:
         library.get(name)  # unknown concepts fail before the model loads
     base = load_base(args.base, device=args.device, dtype=args.dtype)
-    bar = tqdm(total=0, desc="fusing", unit="pass", dynamic_ncols=True)
+    bar = None  # made at the first report, so input errors print no empty bar
 
     def report(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="fusing", unit="pass", dynamic_ncols=True)
         bar.total, bar.n = total, done
         bar.set_description(stage[:60])
         bar.refresh()
@@ -232,7 +237,8 @@ def cmd_fuse(args) -> None:
     try:
         fused = fuse_concepts(base, library, names, FusionConfig(method=args.method), out_dir=args.out, callback=report, cancel=cancel)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     print(f"fused {', '.join('<' + n + '>' for n in names)} with {fused.method} fusion into {fused.folder}")
     for name, row in fused.report.get("summary", {}).items():
         print(f"  <{name}>: mean relative output error {row['mean_relative_error']:.4f}"

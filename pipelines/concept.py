@@ -12,7 +12,6 @@ record (as safetensors metadata) and the preview.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .edlora import check_concept_tensors
@@ -184,7 +183,7 @@ class ConceptLibrary:
             shutil.rmtree(old)
 
     def _recover(self) -> None:
-        """Undo what a crash mid-save left: restore `.old-<name>` if `<name>` is gone, drop staging."""
+        """Undo what a crash left: restore `.old-<name>` if `<name>` is gone, drop staging and trash."""
         for entry in self.root.iterdir():
             if entry.name.startswith(".old-"):
                 target = self.root / entry.name[len(".old-"):]
@@ -192,7 +191,7 @@ class ConceptLibrary:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     os.replace(entry, target)
-            elif entry.name.startswith(".staging-"):
+            elif entry.name.startswith((".staging-", ".trash-")):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def delete(self, name: str) -> None:
@@ -244,7 +243,7 @@ class ConceptLibrary:
             with safe_open(str(file), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(file)
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
+        except (SafetensorError, OSError, ValueError) as error:  # a corrupt header, a torn file
             raise UserError(f"{file.name} is not a readable .safetensors file ({type(error).__name__}: {error})") from None
         if metadata.get("format") != FORMAT or "concept" not in metadata:
             raise UserError(f"{file.name} is not a Menagerie concept export (format {metadata.get('format')!r})")
@@ -275,8 +274,3 @@ def check_compatible(concept: Concept, base) -> None:
             f" or retrain the concept on this base"
         )
 
-
-def preview_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

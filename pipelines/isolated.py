@@ -201,8 +201,8 @@ def mixed_adapters(unet: torch.nn.Module, row_adapters: list[str]):
 def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, int]:
     from .sample import check_size
 
-    width = config.width or base.native_resolution
-    height = config.height or base.native_resolution
+    width = base.native_resolution if config.width is None else config.width
+    height = base.native_resolution if config.height is None else config.height
     check_size(width, height, base.vae_scale_factor)
     if not config.prompt.strip():
         raise UserError("the prompt is empty; describe the scene, e.g. 'a dog and a cat in a hot spring'")

@@ -69,8 +69,8 @@ def check_size(width: int, height: int, multiple: int = 8) -> None:
 
 def check_sample_config(config: SampleConfig, base: BaseModel) -> tuple[int, int]:
     """Validate before any GPU work; returns (width, height)."""
-    width = config.width or base.native_resolution
-    height = config.height or base.native_resolution
+    width = base.native_resolution if config.width is None else config.width
+    height = base.native_resolution if config.height is None else config.height
     check_size(width, height, base.vae_scale_factor)
     if config.steps < 1 or config.steps > 1000:
         raise UserError(f"--steps {config.steps} must be between 1 and 1000")

@@ -279,7 +279,8 @@ def _class_embedding(base: BaseModel, class_word: str) -> torch.Tensor:
     return base_table.weight[ids[0]].detach().float().cpu()
 
 
-def _check_config(config: TrainConfig, photo_count: int) -> TrainConfig:
+def check_train_config(config: TrainConfig, photo_count: int) -> TrainConfig:
+    """Validate settings (before any model loads); returns the config with steps resolved."""
     check_name(config.name)
     class_word = check_class_word(config.class_word)
     if photo_count < 1:
@@ -333,7 +334,7 @@ def train_concept(
         resume: continue from the checkpoint in `checkpoint_dir` if there is one.
     """
     # 1. Check inputs
-    config = _check_config(config, len(photos))
+    config = check_train_config(config, len(photos))
     if masks is not None and len(masks) != len(photos):
         raise UserError(f"{len(masks)} masks for {len(photos)} photos; give one mask per photo")
     resolution = config.resolution or base.native_resolution

@@ -228,6 +228,7 @@ def test_open_drops_stale_old_copy_and_staging(library, fake_tensors):
     (library.root / ".old-mochi").mkdir()
     (library.root / ".old-mochi" / "concept.json").write_text("{}")
     (library.root / ".staging-tama-1234abcd").mkdir()
+    (library.root / ".trash-kiki-1234abcd").mkdir()  # an interrupted delete
     reopened = ConceptLibrary(library.root)
     assert reopened.names() == ["mochi"] and reopened.get("mochi").photo_count == 7
     assert leftovers(library.root) == []

@@ -31,6 +31,7 @@ def library(tmp_path, trained):
         (dict(width=60), "--width 60 must be a positive multiple of 8"),
         (dict(height=100), "--height 100 must be a positive multiple of 8"),
         (dict(width=-8), "--width -8 must be a positive multiple of 8"),
+        (dict(width=0), "--width 0 must be a positive multiple of 8"),
         (dict(steps=0), "--steps 0 must be between 1 and 1000"),
         (dict(num_images=65), "--num-images 65 must be between 1 and 64"),
         (dict(guidance=-1.0), "--guidance -1.0 must be 0 or more"),
