@@ -145,7 +145,7 @@ def sample_loaded(
     regions: list | tuple = (),
 ) -> list[Image.Image]:
     """Sample with whatever concepts are already loaded into `base` (optionally with regions)."""
-    from .regional import check_regions, install_regional_attention, region_masks, regional_context
+    from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
 
     width, height = check_sample_config(config, base)
     check_regions(list(regions), width, height)
@@ -161,6 +161,8 @@ def sample_loaded(
                 "region_masks": {tokens: mask.to(base.device, base.dtype) for tokens, mask in
                                  region_masks(list(regions), width, height, height // factor, width // factor).items()},
             }
+        if regions:  # the contexts are fixed for the whole loop: project them once
+            kwargs["region_kv"] = precompute_region_kv(base.unet, torch.cat([uncond, cond]).to(base.dtype), kwargs["region_context"])
     latents = initial_latents(base, config.num_images, width, height, config.seed)
     if regions:
         install_regional_attention(base.unet)

@@ -410,3 +410,23 @@ def test_generate_with_two_concepts_fuses_on_the_fly(model_dir, library, tmp_pat
     assert code == 2
     assert "does not hold <kiki>" in one_line_error(capsys)
     assert not (tmp_path / "no.png").exists()
+
+
+def test_precomputed_region_kv_gives_the_same_output(model_dir):
+    """Projecting the contexts once per image (sampling's fast path) changes no number of any layer."""
+    from pipelines.regional import precompute_region_kv
+
+    base = load_base(str(model_dir), device="cpu")
+    layers = cross_attention_layers(base.unet)
+    context = layerwise_context(2, seed=11)
+    region_context = layerwise_context(2, 2, seed=12)
+    masks = region_masks([Region((0, 0, 40, 64), "a"), Region((24, 0, 64, 64), "b")], 64, 64, 8, 8)
+    kv = precompute_region_kv(base.unet, context, region_context)
+    assert sorted(kv) == list(range(NUM_LAYERS))
+    for layer in (0, 6, 15):  # a down, the mid and the last up layer
+        attn = layers[layer][1]
+        tokens = {0: 64, 6: 1, 15: 64}[layer]
+        hidden = torch.randn(2, tokens, attn.to_q.in_features, generator=torch.Generator().manual_seed(layer))
+        slow = call(attn, RegionalAttnProcessor(layer), hidden, context, region_context=region_context, region_masks=masks)
+        fast = call(attn, RegionalAttnProcessor(layer), hidden, context, region_context=region_context, region_masks=masks, region_kv=kv)
+        assert torch.equal(fast, slow), layer
