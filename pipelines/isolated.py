@@ -165,33 +165,56 @@ def parse_subject(text: str) -> Subject:
 def mixed_adapters(unet: torch.nn.Module, row_adapters: list[str]):
     """Run each batch row of the UNet with its own LoRA adapter (or BASE_ADAPTER for none).
 
-    peft's LoRA layers take `adapter_names` per row; a forward pre-hook on every LoRA layer
-    passes them, as peft's own PeftModel does.
+    Every LoRA layer adds `x_row A_row^T B_row^T * scale` for its rows through two batched matmuls
+    over per-row stacked factors (zeros for base rows), built once per call of this context. This
+    computes what peft's mixed-adapter batch computes (`adapter_names=`), but peft loops over the
+    adapters with a gather and a scatter each in all 128 layers, which made isolation steps launch-bound.
     """
     from .edlora import lora_layers
 
     layers = lora_layers(unet)
+    for layer in layers.values():
+        layer.enable_adapters(False)  # the base layer runs alone; the hook adds the per-row LoRA
     if not layers or all(name == BASE_ADAPTER for name in row_adapters):
-        for layer in layers.values():
-            layer.enable_adapters(False)
         yield
         return
     handles = []
-
-    def hook(module, args, kwargs):
-        kwargs["adapter_names"] = row_adapters
-        return args, kwargs
-
     for layer in layers.values():
-        layer.enable_adapters(True)
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        down, up = row_lora_factors(layer, row_adapters)
+        if down is None:
+            continue
+        handles.append(layer.register_forward_hook(_row_lora_hook(down, up)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers.values():
-            layer.enable_adapters(False)
+
+
+def row_lora_factors(layer, row_adapters: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-row LoRA factors of one peft layer: A `[rows, r, in]`, B * scale `[rows, out, r]` (fp32)."""
+    names = [n for n in dict.fromkeys(row_adapters) if n != BASE_ADAPTER and n in layer.lora_A]
+    if not names:
+        return None, None
+    rank = max(layer.lora_A[n].weight.shape[0] for n in names)
+    weight = layer.get_base_layer().weight
+    down = torch.zeros(len(row_adapters), rank, weight.shape[1], device=weight.device)
+    up = torch.zeros(len(row_adapters), weight.shape[0], rank, device=weight.device)
+    for row, name in enumerate(row_adapters):
+        if name in names:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            down[row, : a.shape[0]] = a.float()
+            up[row, :, : b.shape[1]] = b.float() * layer.scaling[name]
+    return down, up
+
+
+def _row_lora_hook(down: torch.Tensor, up: torch.Tensor):
+    def add_lora(module, args, output):
+        x = args[0]  # [rows, L, in]
+        delta = torch.bmm(torch.bmm(x.float(), down.transpose(1, 2)), up.transpose(1, 2))  # [rows, L, out]
+        return output + delta.to(output.dtype)
+
+    return add_lora
 
 
 # ---------------------------------------------------------------------------------------------
