@@ -45,7 +45,8 @@ from safetensors.torch import load_file, save_file
 
 from .base import BaseModel
 from .errors import Cancelled, UserError
-from .layerwise import NUM_LAYERS, add_concept_tokens, concept_tokens, expand_prompt, install_layerwise_attention
+from .layerwise import (NUM_LAYERS, add_concept_tokens, concept_tokens, cross_attention_layers, encode_layerwise, expand_prompt,
+                        install_layerwise_attention)
 from .edlora import apply_concept, lora_layers, set_active_adapters
 
 METHODS = ("gradient", "weight")
@@ -263,6 +264,16 @@ def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], 
     return fused, report
 
 
+def _fuse_into(base: BaseModel, model: torch.nn.Module, prefix: str, layers: list[str], deltas: list[dict],
+               grams: list[dict], config: FusionConfig, reports: dict) -> dict[str, torch.Tensor]:
+    """Solve `layers` of `model`, write the fused weights into it and add their report rows."""
+    w0 = {n: linear_of(model, n).weight.detach().float().cpu() for n in layers}
+    fused, report = _solve(w0, deltas, grams, config, base.device)
+    reports.update({f"{prefix}.{k}": v for k, v in report.items()})
+    _write_weights(model, fused, base.dtype)
+    return fused
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
@@ -342,16 +353,11 @@ def fuse_concepts(
                 text_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
             progress(f"text encoder inputs of <{name}>")
         set_active_adapters(base.text_encoder, [])
-        w0 = {n: linear_of(base.text_encoder, n).weight.detach().float().cpu() for n in text_layers}
-        fused_text, report = _solve(w0, text_deltas, text_grams, config, base.device)
-        reports.update({f"text_encoder.{k}": v for k, v in report.items()})
-        _write_weights(base.text_encoder, fused_text, base.dtype)
+        fused_text = _fuse_into(base, base.text_encoder, "text_encoder", text_layers, text_deltas, text_grams, config, reports)
         progress("text encoder fused")
 
         # 3. UNet cross-attention K/V: fused text encoder outputs at concept tokens and end-of-text
         attn2 = [name.rsplit(".", 1)[0] for name in kv_layers if name.endswith("to_k")]
-        from .layerwise import cross_attention_layers
-
         order = [n for n, _ in cross_attention_layers(base.unet)]
         if sorted(attn2) != sorted(order):
             raise UserError("the concepts' LoRA layers do not cover the 16 cross-attention layers of this UNet")
@@ -371,10 +377,7 @@ def fuse_concepts(
                     grams[group] = grams.get(group, 0) + (rows.T @ rows).double().cpu()
             kv_grams.append(grams)
             progress(f"cross-attention inputs of <{name}>")
-        w0 = {n: linear_of(base.unet, n).weight.detach().float().cpu() for n in kv_layers}
-        fused_kv, report = _solve(w0, unet_deltas, kv_grams, config, base.device)
-        reports.update({f"unet.{k}": v for k, v in report.items()})
-        _write_weights(base.unet, fused_kv, base.dtype)
+        fused_kv = _fuse_into(base, base.unet, "unet", kv_layers, unet_deltas, kv_grams, config, reports)
         progress("cross-attention K/V fused")
 
         # 4. UNet spatial layers: one sample per concept with its own LoRA on these layers
@@ -392,8 +395,6 @@ def fuse_concepts(
                     layer.enable_adapters(False)
             scheduler = make_scheduler("dpm++", base.scheduler_config)
             scheduler.set_timesteps(config.spatial_steps, device=base.device)
-            from .layerwise import encode_layerwise
-
             context = encode_layerwise(base.tokenizer, base.text_encoder, [fusion_prompts(name)[0]]).to(base.dtype)
             generator = torch.Generator("cpu").manual_seed(config.seed + index)
             latents = torch.randn((1, base.unet.config.in_channels, size, size), generator=generator).to(base.device)
@@ -406,10 +407,7 @@ def fuse_concepts(
                 spatial_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
             progress(f"UNet inputs of <{name}>")
         set_active_adapters(base.unet, [])
-        w0 = {n: linear_of(base.unet, n).weight.detach().float().cpu() for n in spatial_layers}
-        fused_spatial, report = _solve(w0, unet_deltas, spatial_grams, config, base.device)
-        reports.update({f"unet.{k}": v for k, v in report.items()})
-        _write_weights(base.unet, fused_spatial, base.dtype)
+        fused_spatial = _fuse_into(base, base.unet, "unet", spatial_layers, unet_deltas, spatial_grams, config, reports)
         progress("UNet fused")
 
     # 5. Save only what changed, and the report
