@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.mix_of_show import synthetic_library  # noqa: E402
+from bench.mix_of_show import median_seconds, synthetic_library  # noqa: E402
 from pipelines import detect as detect_module  # noqa: E402
 from pipelines.base import build_tiny_model, load_base  # noqa: E402
 from pipelines.detect import Detection, build_tiny_detector  # noqa: E402
@@ -75,16 +74,9 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def timed(fn, repeats=3):
+    def timed(fn):
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, sync)
 
     work = Path(tempfile.mkdtemp())
     model_dir = build_tiny_model(work / "model", architecture=args.architecture)

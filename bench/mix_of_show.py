@@ -61,6 +61,18 @@ def synthetic_library(model_dir: Path, root: Path, count: int, device: str) -> C
     return library
 
 
+def median_seconds(fn, sync, repeats: int = 3) -> float:
+    """Median wall time of `fn()` over `repeats` runs, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -131,15 +143,9 @@ def main() -> None:
     config = SampleConfig(prompt="animals on the grass", steps=30, seed=0)
     for label, regions in layouts.items():
         generate(base, library, SampleConfig(prompt=config.prompt, steps=3), regions=regions)  # warm-up
-        times = []
-        for _ in range(3):
-            sync()
-            start = time.perf_counter()
-            generate(base, library, config, regions=regions)
-            sync()
-            times.append(time.perf_counter() - start)
+        seconds = median_seconds(lambda: generate(base, library, config, regions=regions), sync)
         results["sampling"].append({"layout": label, "regions": len(regions), "steps": 30, "size": size,
-                                    "seconds_median": round(statistics.median(times), 3)})
+                                    "seconds_median": round(seconds, 3)})
     plain = results["sampling"][0]["seconds_median"]
     for row in results["sampling"]:
         row["ratio_to_plain"] = round(row["seconds_median"] / plain, 3)

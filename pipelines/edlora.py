@@ -80,7 +80,7 @@ def merged_adapter(model: torch.nn.Module, adapter: str):
     """Run `model` with `adapter`'s LoRA folded into its weights, then restore the originals exactly.
 
     Sampling with an unmerged LoRA runs two extra small matmuls in each of the 128 UNet layers at
-    every step (1.85x the time of plain sampling at SD1.5 size, bench/README.md). Folding
+    every step (1.72x the time of plain sampling at SD1.5 size on an H100, bench/README.md). Folding
     W' = W + B A * scale once removes that. The original weight tensors are kept and put back, so
     nothing drifts however often it is done (peft's in-place merge/unmerge rounds in half precision).
     """

@@ -122,3 +122,15 @@ def fake_concept_tensors(dim: int = 32, rank: int = 4, seed: int = 0) -> dict[st
 @pytest.fixture
 def fake_tensors():
     return fake_concept_tensors
+
+
+def one_line_error(capsys, code, *fragments):
+    """A CLI user error: exit status 2 and one 'error: ...' line on stderr holding `fragments`, no traceback."""
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

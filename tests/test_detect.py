@@ -26,6 +26,7 @@ from pipelines.detect import (
     subject_mask,
 )
 from pipelines.errors import UserError
+from conftest import one_line_error
 
 LOW = dict(box_threshold=0.05, text_threshold=0.05)  # the tiny random detector scores most boxes high
 TINY = dict(detector="tiny", segmenter="tiny", device="cpu")
@@ -35,17 +36,6 @@ TINY = dict(detector="tiny", segmenter="tiny", device="cpu")
 def image():
     """A non-square 80x64 (W x H) noise picture."""
     return Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8))
-
-
-def one_line_error(capsys, code, *fragments):
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------

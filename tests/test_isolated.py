@@ -39,7 +39,7 @@ from pipelines.sample import (SampleConfig, decode_latents, denoise, initial_lat
                               sample_loaded)
 from pipelines.train import TrainConfig, train_concept
 
-from conftest import procedural_photo
+from conftest import one_line_error, procedural_photo
 
 PROMPT = "a dog and a cat on the grass"
 SUBJECTS = (Subject("dog", "a photo of <mochi> dog"), Subject("cat", "a photo of <tama> cat"))
@@ -115,17 +115,6 @@ def spy(monkeypatch, name):
 
     monkeypatch.setattr(isolated_module, name, wrapper)
     return calls
-
-
-def one_line_error(capsys, code, *fragments):
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------
