@@ -1,25 +1,617 @@
 """Menagerie studio: the Gradio app.
 
-A thin layer over `pipelines`: it composes widgets and calls library functions, nothing more.
-This first version shows the base model setting and the concept library; training, fusion and
-generation tabs come on top of the same functions the CLI uses.
+A thin layer over `pipelines`: it turns widgets into the same config dataclasses the CLI builds,
+sends every piece of GPU work through one background job queue (`pipelines.jobs`), and shows the
+results. It adds no ML of its own.
 
     python app.py                     # default Hub base model (loaded when first needed)
     python app.py --base tiny         # built-in random test model: runs offline, images are noise
-    python app.py --port 7860 --concepts-dir ./concepts
+    python app.py --port 7860 --concepts-dir ./concepts --outputs-dir ./outputs
+
+Tabs: Concepts (train a pet from photos; the library), Compose (fuse concepts), Generate (regional
+or isolated sampling with boxes drawn on a canvas; history of past images).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import html
 import os
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import gradio as gr
+import torch
+from gradio_image_annotation import image_annotator
+from PIL import Image, ImageDraw
 
 from pipelines.__main__ import default_library
-from pipelines.base import DEFAULT_BASE, TINY
+from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, default_dtype, load_base, resolve_device
 from pipelines.concept import ConceptLibrary
+from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
+from pipelines.fusion import FusionConfig, cache_key, fuse_concepts, list_fused
+from pipelines.isolated import IsolateConfig, Subject, isolate, save_stages
+from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
+from pipelines.layerwise import concepts_in
+from pipelines.regional import Region
+from pipelines.sample import SampleConfig, generate, read_png_metadata, save_png
+from pipelines.train import TrainConfig, check_train_config, load_training_set, train_concept
+
+REGIONAL = "Regional (Mix-of-Show)"
+ISOLATED = "Isolated (detector-guided)"
+CANVAS_SIDE = 512  # the drawing canvas' long side in pixels, whatever the image size
+BOX_COLUMNS = ["label", "x0", "y0", "x1", "y1", "prompt", "negative prompt", "find (isolated)"]
+HISTORY_LIMIT = 60  # newest images shown in the history gallery
+POLL_SECONDS = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the studio runs: Hugging Face Spaces, ZeroGPU, persistent storage
+
+
+def on_zero_gpu() -> bool:
+    """True on Spaces' shared ZeroGPU hardware (GPU bursts per call; no room for training)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+try:  # @spaces.GPU attaches a GPU on ZeroGPU Spaces and does nothing anywhere else
+    import spaces
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:
+    def gpu_task(function):
+        return function
+
+
+def persistent_dir() -> Path | None:
+    """Spaces' persistent storage (/data), when the Space has it; the disk beside the app is wiped on restart."""
+    data = Path("/data")
+    if os.environ.get("SPACE_ID") and data.is_dir() and os.access(data, os.W_OK):
+        return data / "menagerie"
+    return None
+
+
+def base_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded, said before anyone clicks, or None if it can (or may) load."""
+    if name == TINY:
+        return None
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return None if (path / "model_index.json").exists() else f"--base {name!r} is a folder but not a diffusers model (no model_index.json)"
+    if path.is_file():
+        return None if path.suffix in (".safetensors", ".ckpt") else f"--base {name!r} must be a .safetensors or .ckpt file"
+    if not _is_hub_id(name):
+        return f"--base {name!r} does not exist; give a Hub id, a diffusers folder or a .safetensors/.ckpt file"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "model_index.json"), str)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return _offline_help(name) if offline and not cached else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model in memory
+
+
+class BaseModels:
+    """The one base model in memory, loaded when a job first needs it.
+
+    Training adds its concept's adapters to the base and fusion writes fused weights into it, so
+    a job that needs another state gets a fresh load (the old model is dropped first, to free
+    memory). Only the job worker calls `get`, one job at a time, so the model needs no lock.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.model = None
+        self.trained_in = False  # a training run left its adapters in `model`
+        self.error: str | None = None  # the last load failure, for the status panel
+
+    def get(self, fused: str | None = None, fresh: bool = False):
+        """A base whose fused weights are `fused` (a folder) or that holds no fused model at all."""
+        model = self.model
+        if model is None or fresh or self.trained_in or (model.fused is not None and model.fused != fused):
+            self.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                self.model = load_base(self.name)
+            except UserError as error:
+                self.error = str(error)
+                raise
+            self.error, self.trained_in = None, False
+        return self.model
+
+    def fused_folder(self, library: ConceptLibrary, names: list[str], method: str = "gradient") -> str | None:
+        """Where the fused model of `names` is cached, None for fewer than two concepts.
+
+        The folder name hashes the base's name and architecture, which any loaded state shares.
+        """
+        if len(names) < 2:
+            return None
+        model = self.model or self.get()
+        return str(library.root / ".fused" / cache_key(model, library, names, FusionConfig(method=method)))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the forms hold
+
+
+@dataclass(frozen=True)
+class BoxRow:
+    """One row of the box table: a box on the image (pixels) and what goes in it."""
+
+    label: str  # a concept token such as <mochi>, or free text
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels
+    prompt: str
+    negative_prompt: str = ""
+    find: str = ""  # Isolated mode: the word the detector looks for (a concept's class word)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    mode: str  # REGIONAL or ISOLATED
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    num_images: int = 1
+    rows: tuple[BoxRow, ...] = ()
+    fused: str | None = None  # a fused model folder; None: fuse on the fly when several concepts are used
+    t_lay: float = 0.75
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+
+
+@dataclass
+class GenerationOutput:
+    images: list[str] = field(default_factory=list)  # saved PNG paths
+    stages: list[tuple[str, str]] = field(default_factory=list)  # Isolated: (path, caption) of each stage
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: the canvas, the box table, formatting
+
+
+def canvas_scale(width: int, height: int) -> float:
+    """Canvas pixels per image pixel: the canvas' long side is CANVAS_SIDE."""
+    return CANVAS_SIDE / max(width, height)
+
+
+def blank_canvas(width: int, height: int) -> Image.Image:
+    """A light grid at canvas size, with the image's aspect ratio, to draw boxes on."""
+    scale = canvas_scale(width, height)
+    size = (round(width * scale), round(height * scale))
+    canvas = Image.new("RGB", size, (246, 246, 243))
+    draw = ImageDraw.Draw(canvas)
+    for x in range(0, size[0], 32):
+        draw.line([(x, 0), (x, size[1])], fill=(228, 228, 222))
+    for y in range(0, size[1], 32):
+        draw.line([(0, y), (size[0], y)], fill=(228, 228, 222))
+    return canvas
+
+
+def annotator_value(width: int, height: int, rows: list[BoxRow]) -> dict:
+    """The annotator's value: a blank canvas and the rows' boxes scaled onto it."""
+    scale = canvas_scale(width, height)
+    boxes = [{"label": row.label, "color": label_color(row.label),
+              "xmin": round(row.box[0] * scale), "ymin": round(row.box[1] * scale),
+              "xmax": round(row.box[2] * scale), "ymax": round(row.box[3] * scale)} for row in rows]
+    return {"image": blank_canvas(width, height), "boxes": boxes}
+
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 160, 160)]
+
+
+def label_color(label: str) -> tuple[int, int, int]:
+    return PALETTE[sum(label.encode()) % len(PALETTE)]
+
+
+def concept_of(label: str, library: ConceptLibrary) -> str | None:
+    """The concept a box label names (`<mochi>` or `mochi`), or None for free text."""
+    text = label.strip()
+    names = concepts_in(text)
+    if len(names) == 1 and text == f"<{names[0]}>":
+        return names[0]
+    return text if text in library.names() else None
+
+
+def default_row(label: str, box: tuple[int, int, int, int], library: ConceptLibrary) -> BoxRow:
+    """A new box's prompt: "a photo of <mochi> dog" for a concept, the label itself for free text."""
+    name = concept_of(label, library)
+    if name is None:
+        return BoxRow(label=label, box=box, prompt=label, find=label)
+    class_word = library.get(name).class_word
+    return BoxRow(label=f"<{name}>", box=box, prompt=f"a photo of <{name}> {class_word}", find=class_word)
+
+
+def rows_from_annotator(value: dict | None, width: int, height: int, previous: list[BoxRow], library: ConceptLibrary) -> list[BoxRow]:
+    """The box table after a drawing change: boxes in image pixels; prompts edited earlier are kept
+    for boxes whose label did not change (matched in order)."""
+    if not value or not value.get("boxes"):
+        return []
+    image = value.get("image")
+    image_width = image.width if isinstance(image, Image.Image) else round(width * canvas_scale(width, height))
+    scale = image_width / width  # canvas pixels per image pixel
+    unused = list(previous)
+    rows = []
+    for box in value["boxes"]:
+        label = str(box.get("label") or "").strip()
+        pixels = tuple(min(max(round(box[key] / scale), 0), limit) for key, limit in
+                       (("xmin", width), ("ymin", height), ("xmax", width), ("ymax", height)))
+        earlier = next((row for row in unused if row.label == label and label), None)
+        if earlier is not None:
+            unused.remove(earlier)
+            rows.append(replace(earlier, box=pixels))
+        elif label and concept_of(label, library) is None and concepts_in(label):
+            rows.append(BoxRow(label=label, box=pixels, prompt="", find=""))  # an unknown <concept>: refused at Generate
+        else:
+            rows.append(default_row(label, pixels, library) if label else BoxRow(label="", box=pixels, prompt=""))
+    return rows
+
+
+def rows_to_table(rows: list[BoxRow]) -> list[list]:
+    return [[r.label, *r.box, r.prompt, r.negative_prompt, r.find] for r in rows]
+
+
+def rows_from_table(table) -> list[BoxRow]:
+    """Rows back from the (possibly edited) table; a pandas DataFrame or a list of lists."""
+    values = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    rows = []
+    for i, values_row in enumerate(values, start=1):
+        cells = ["" if cell is None or (isinstance(cell, float) and cell != cell) else cell for cell in values_row]
+        if not any(str(c).strip() for c in cells):
+            continue  # the editor's empty trailing row
+        label, x0, y0, x1, y1, prompt, negative, find = (cells + [""] * len(BOX_COLUMNS))[: len(BOX_COLUMNS)]
+        try:
+            box = tuple(int(round(float(v))) for v in (x0, y0, x1, y1))
+        except (TypeError, ValueError):
+            raise UserError(f"box {i}: x0, y0, x1, y1 must be numbers of pixels, got {[x0, y0, x1, y1]}") from None
+        rows.append(BoxRow(str(label).strip(), box, str(prompt).strip(), str(negative).strip(), str(find).strip()))
+    return rows
+
+
+def check_rows(rows: list[BoxRow], library: ConceptLibrary) -> None:
+    """Refuse boxes without a label or prompt, and labels naming a concept the library lacks."""
+    known = library.names()
+    for i, row in enumerate(rows, start=1):
+        if not row.label:
+            raise UserError(f"box {i} has no label; click the box, press E and pick a concept (or type what it is)")
+        for name in concepts_in(row.label) + concepts_in(row.prompt) + concepts_in(row.negative_prompt):
+            if name not in known:
+                raise UserError(f"box {i} names the concept <{name}>, which is not in the library"
+                                f" (known: {', '.join('<' + n + '>' for n in known) or 'none yet; train one in Concepts'})")
+        if not row.prompt:
+            raise UserError(f"box {i} ({row.label}) has an empty prompt; describe what goes in it")
+
+
+def regions_of(rows: list[BoxRow]) -> list[Region]:
+    return [Region(box=row.box, prompt=row.prompt, negative_prompt=row.negative_prompt) for row in rows]
+
+
+def subjects_of(rows: list[BoxRow]) -> tuple[Subject, ...]:
+    """Isolated mode: one subject per box; the detector looks for its `find` word in the layout."""
+    for i, row in enumerate(rows, start=1):
+        if not row.find:
+            raise UserError(f"box {i} ({row.label}) has no 'find' word; write what the detector should look for, e.g. dog")
+    return tuple(Subject(label=row.find, prompt=row.prompt) for row in rows)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_html(state: JobState | None, idle: str = "") -> str:
+    """A job's state as a progress bar with step, loss and ETA, a queue place, or its outcome."""
+    if state is None:
+        return f"<div class='job-idle'>{html.escape(idle)}</div>"
+    title = html.escape(state.title)
+    if state.status == QUEUED:
+        return f"<div class='job-queued'>⏳ {title}: waiting, number {state.position} in the queue (one GPU job runs at a time)</div>"
+    if state.status == RUNNING:
+        fraction = state.step / state.total if state.total else 0.0
+        details = [f"step {state.step} / {state.total}" if state.total else "starting"]
+        if state.loss is not None:
+            details.append(f"loss {state.loss:.4f}")
+        if state.eta_seconds is not None and state.step:
+            details.append(f"ETA {format_seconds(state.eta_seconds)}")
+        if state.stage:
+            details.append(html.escape(state.stage))
+        return (f"<div class='job-running'><b>{title}</b> · {' · '.join(details)}"
+                f"<div class='job-bar'><div style='width:{100 * fraction:.1f}%'></div></div></div>")
+    if state.status == DONE:
+        note = f" <span class='job-note'>⚠ {html.escape(state.message)}</span>" if state.message else ""
+        return f"<div class='job-done'>✓ {title}: done{note}</div>"
+    icon = "⚠" if state.status == FAILED else "■"
+    return f"<div class='job-{state.status}'>{icon} {title}: {state.status}. {html.escape(state.message)}</div>"
+
+
+def error_html(error: Exception) -> str:
+    return f"<div class='job-failed'>⚠ {html.escape(str(error))}</div>"
+
+
+def queue_markdown(states: list[JobState]) -> str:
+    active = [s for s in states if s.active]
+    if not active:
+        return "GPU queue: empty"
+    lines = [f"- {'running' if s.status == RUNNING else f'waiting ({s.position})'}: {s.title}" for s in active]
+    return "GPU queue:\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The studio: jobs and library actions, no layout
+
+
+class Studio:
+    """What the page can ask for; every method calls `pipelines` and returns plain values."""
+
+    def __init__(self, base_name: str, library_dir: str | os.PathLike, outputs_dir: str | os.PathLike):
+        self.base_name = base_name
+        self.library = ConceptLibrary(library_dir)
+        self.outputs = Path(outputs_dir).expanduser()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.models = BaseModels(base_name)
+        self.jobs = JobQueue()
+        self.library_version = 0  # bumped on every change, so polling pages know to redraw
+        self.load_problem = base_problem(base_name)
+        self.is_test_model = base_name == TINY
+        self.detector = TINY if self.is_test_model else DEFAULT_DETECTOR  # the test model pairs with random detectors
+        self.segmenter = TINY if self.is_test_model else DEFAULT_SEGMENTER
+
+    @property
+    def default_size(self) -> int:
+        return 64 if self.is_test_model else 512
+
+    def library_changed(self) -> None:
+        self.library_version += 1
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status_markdown(self) -> str:
+        """Base model, device, dtype and free GPU memory; a load problem said plainly, with its fix."""
+        model = self.models.model
+        device = model.device if model is not None else resolve_device(None)
+        dtype = model.dtype if model is not None else default_dtype(device)
+        state = "loaded" if model is not None else "not loaded yet (loads with the first job)"
+        lines = [f"**Base model** `{self.base_name}`: {state} · **device** {device} · **dtype** {str(dtype).replace('torch.', '')}"]
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            lines[0] += f" · **free GPU memory** {free / 2**30:.1f} of {total / 2**30:.1f} GiB"
+        else:
+            lines[0] += " · no GPU"
+        problem = self.models.error or (self.load_problem if model is None else None)
+        if problem:
+            lines.append(f"⚠ **The base model cannot be loaded.** {problem}. Restart with `python app.py --base PATH_OR_ID`,"
+                         f" or `python app.py --base tiny` to try the studio offline.")
+        if on_zero_gpu():
+            lines.append("This Space runs on shared ZeroGPU hardware: generation works, training needs a dedicated GPU.")
+        return "\n\n".join(lines)
+
+    # -- Concepts --------------------------------------------------------------------------------
+
+    def submit_training(self, photo_paths: list[str], config: TrainConfig, auto_mask: bool = False,
+                        overwrite: bool = False, resume: bool = False) -> JobState:
+        """Check the request now (photos readable, settings valid, name free), then queue the training."""
+        if on_zero_gpu():
+            raise UserError("training is off on this shared ZeroGPU Space: a run takes minutes of a dedicated GPU."
+                            " Duplicate the Space onto a GPU (⋮ menu → Duplicate this Space, e.g. an A10G) and train there")
+        if not photo_paths:
+            raise UserError("no photos given; drop 3 or more photos of one pet in the photo box")
+        photos, _ = load_training_set([Path(p) for p in photo_paths])  # loaded now: upload temp files may vanish
+        config = check_train_config(config, len(photos))
+        if config.name in self.library.names() and not overwrite:
+            raise UserError(f"a concept named <{config.name}> already exists; choose another name or tick 'replace'")
+        if not config.preview_every:
+            config = replace(config, preview_every=max(1, config.steps // 5))  # about five previews per run
+        return self.jobs.submit("train", f"training <{config.name}>",
+                                lambda job: run_training(self, job, photos, config, auto_mask, resume))
+
+    def _train(self, job: Job, photos: list[Image.Image], config: TrainConfig, auto_mask: bool, resume: bool) -> str:
+        job.update(stage="loading the base model")
+        base = self.models.get(fresh=True)
+        self.models.trained_in = True  # from here on the base carries this run's adapters
+        masks, note = None, ""
+        if auto_mask:
+            job.update(stage="finding the pet in each photo")
+            masks = [subject_mask(p, config.class_word, detector=self.detector, segmenter=self.segmenter, device=base.device) for p in photos]
+            missing = [str(i + 1) for i, m in enumerate(masks) if m is None]
+            note = f"no {config.class_word} found in photo(s) {', '.join(missing)}; their loss covers the whole photo" if missing else ""
+        preview_dir = self.outputs / ".training" / f"{job.id}-{config.name}"
+
+        def report(progress) -> None:
+            job.update(step=progress.step, total=progress.total, loss=progress.loss, eta_seconds=progress.eta_seconds, stage="")
+            if progress.preview is not None:
+                path = preview_dir / f"step_{progress.step:05d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                progress.preview.save(path)
+                job.add_preview(str(path))
+
+        result = train_concept(base, photos, config, masks=masks, callback=report, cancel=job.cancel_event,
+                               checkpoint_dir=self.library.root / ".checkpoints" / config.name, resume=resume)
+        self.library.save(result.concept, result.tensors, result.preview, overwrite=True)
+        self.library_changed()
+        job.update(message=note)
+        return config.name
+
+    def cancel_training(self) -> JobState | None:
+        latest = next((s for s in reversed(self.jobs.jobs("train")) if s.active), None)
+        return self.jobs.cancel(latest.id) if latest else None
+
+    def rename(self, name: str, new_name: str) -> str:
+        if not name:
+            raise UserError("pick a concept to rename first")
+        self.library.rename(name, new_name.strip())
+        self.library_changed()
+        return f"renamed <{name}> to <{new_name.strip()}>"
+
+    def delete(self, name: str) -> str:
+        if not name:
+            raise UserError("pick a concept to delete first")
+        self.library.delete(name)
+        self.library_changed()
+        return f"deleted <{name}>"
+
+    def export(self, name: str) -> str:
+        if not name:
+            raise UserError("pick a concept to export first")
+        return str(self.library.export(name, self.outputs / ".exports" / f"{name}.safetensors"))
+
+    def import_concept(self, path: str, name: str = "") -> str:
+        concept = self.library.import_file(path, name=name.strip() or None)
+        self.library_changed()
+        return f"imported <{concept.name}> ({concept.class_word})"
+
+    # -- Compose ---------------------------------------------------------------------------------
+
+    def submit_fusion(self, names: list[str], method: str) -> JobState:
+        if len(names) < 2:
+            raise UserError("no concepts selected; tick two or more concepts to fuse" if not names else
+                            "fusing needs two or more concepts; one concept is used as it is")
+        for name in names:
+            self.library.get(name)  # unknown concepts fail now, not in the queue
+        return self.jobs.submit("fuse", f"fusing {' + '.join('<' + n + '>' for n in names)} ({method})",
+                                lambda job: run_fusion(self, job, names, method))
+
+    def _fuse(self, job: Job, names: list[str], method: str) -> str:
+        job.update(stage="loading the base model")
+        base = self.models.get(fused=self.models.fused_folder(self.library, names, method))
+
+        def report(stage: str, done: int, total: int) -> None:
+            job.update(stage=stage, step=done, total=total)
+
+        fused = fuse_concepts(base, self.library, names, FusionConfig(method=method), callback=report, cancel=job.cancel_event)
+        self.library_changed()
+        return str(fused.folder)
+
+    def fused_models(self) -> list[dict]:
+        return list_fused(self.library)
+
+    # -- Generate --------------------------------------------------------------------------------
+
+    def submit_generation(self, request: GenerationRequest) -> JobState:
+        """Check what the library and the form can check, then queue the generation."""
+        if not request.prompt.strip():
+            raise UserError("the prompt is empty; describe the whole picture, e.g. 'a dog and a cat in a hot spring'")
+        check_rows(list(request.rows), self.library)
+        if request.mode == ISOLATED and not request.rows:
+            raise UserError("Isolated mode needs subjects: draw a box for each pet and label it with its concept")
+        if request.mode not in (REGIONAL, ISOLATED):
+            raise UserError(f"unknown mode {request.mode!r}; pick {REGIONAL} or {ISOLATED}")
+        kind = "isolated" if request.mode == ISOLATED else "regional"
+        return self.jobs.submit("generate", f"generating ({kind}, seed {request.seed})",
+                                lambda job: run_generation(self, job, request))
+
+    def _generate(self, job: Job, request: GenerationRequest) -> GenerationOutput:
+        names = list(dict.fromkeys(concepts_in(request.prompt) + concepts_in(request.negative_prompt)
+                                   + [n for row in request.rows for n in concepts_in(row.prompt + " " + row.negative_prompt)]))
+        job.update(stage="loading the base model")
+        fuses_on_the_fly = request.mode == REGIONAL and request.fused is None and len(names) > 1
+        base = self.models.get(fused=request.fused or (self.models.fused_folder(self.library, names) if fuses_on_the_fly else None))
+        if fuses_on_the_fly:
+            job.update(stage=f"fusing {len(names)} concepts (first time only; cached)")
+        if request.mode == ISOLATED:
+            return self._isolate(job, base, request)
+        config = SampleConfig(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+                              guidance=request.guidance, seed=request.seed, width=request.width, height=request.height,
+                              num_images=request.num_images)
+        result = generate(base, self.library, config, regions=regions_of(list(request.rows)), fused=request.fused,
+                          callback=lambda step, total: job.update(step=step, total=total, stage="sampling"), cancel=job.cancel_event)
+        stem = self._new_stem()
+        paths = [str(save_png(image, self.outputs / f"{stem}-{i + 1}.png", self._metadata(result.metadata, request, i)))
+                 for i, image in enumerate(result.images)]
+        return GenerationOutput(images=paths)
+
+    def _isolate(self, job: Job, base, request: GenerationRequest) -> GenerationOutput:
+        output, stem = GenerationOutput(), self._new_stem()
+        for i in range(request.num_images):  # isolation makes one image per call: seeds seed, seed + 1, ...
+            config = IsolateConfig(prompt=request.prompt, subjects=subjects_of(list(request.rows)),
+                                   negative_prompt=request.negative_prompt, t_lay=request.t_lay, steps=request.steps,
+                                   guidance=request.guidance, seed=request.seed + i, width=request.width, height=request.height,
+                                   box_threshold=request.box_threshold, text_threshold=request.text_threshold)
+
+            def report(stage: str, step: int, total: int, index=i) -> None:
+                job.update(stage=f"image {index + 1}/{request.num_images}: {stage}", step=step, total=total)
+
+            result = isolate(base, self.library, config, detector=self.detector, segmenter=self.segmenter,
+                             fused=request.fused, callback=report, cancel=job.cancel_event)
+            metadata = self._metadata(result.metadata, request, i)
+            output.images.append(str(save_png(result.final, self.outputs / f"{stem}-{i + 1}.png", metadata)))
+            stages = save_stages(replace(result, metadata=metadata), self.outputs / ".stages" / f"{stem}-{i + 1}")
+            output.stages += [(str(p), f"image {i + 1}: {p.stem}") for p in stages]
+            if result.message:
+                output.message = result.message
+        job.update(message=output.message)
+        return output
+
+    def _metadata(self, metadata: dict, request: GenerationRequest, index: int) -> dict:
+        """The pipeline's record plus the studio's form, so "reuse settings" can restore the boxes."""
+        studio = {**asdict(request), "rows": [asdict(row) for row in request.rows]}
+        return {**metadata, "index": index, "studio": studio}
+
+    def _new_stem(self) -> str:
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+    def history(self) -> list[str]:
+        """Saved images, newest first (they survive restarts: the folder is the record)."""
+        images = sorted(self.outputs.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [str(p) for p in images[:HISTORY_LIMIT]]
+
+    def follow(self, job_id: int, interval: float = 0.3):
+        """Yield the job's state until it has finished (the last one yielded is final)."""
+        while True:
+            state = self.jobs.snapshot(job_id)
+            yield state
+            if state is None or not state.active:
+                return
+            time.sleep(interval)
+
+
+# The work of each job, wrapped for ZeroGPU (which needs module-level functions to attach a GPU to).
+@gpu_task
+def run_training(studio: Studio, job: Job, photos, config: TrainConfig, auto_mask: bool, resume: bool) -> str:
+    return studio._train(job, photos, config, auto_mask, resume)
+
+
+@gpu_task
+def run_fusion(studio: Studio, job: Job, names: list[str], method: str) -> str:
+    return studio._fuse(job, names, method)
+
+
+@gpu_task
+def run_generation(studio: Studio, job: Job, request: GenerationRequest) -> GenerationOutput:
+    return studio._generate(job, request)
+
+
+def request_from_metadata(metadata: dict, default_size: int) -> GenerationRequest:
+    """The form that made an image, from its PNG metadata (the studio's own record, or the CLI's)."""
+    studio = metadata.get("studio")
+    if studio:
+        rows = tuple(BoxRow(**{**row, "box": tuple(row["box"])}) for row in studio.get("rows", []))
+        return GenerationRequest(**{**studio, "rows": rows})
+    rows = tuple(BoxRow(label=(concepts_in(r["prompt"]) and f"<{concepts_in(r['prompt'])[0]}>") or r["prompt"], box=tuple(r["box"]),
+                        prompt=r["prompt"], negative_prompt=r.get("negative_prompt", "")) for r in metadata.get("regions", []))
+    return GenerationRequest(
+        mode=ISOLATED if metadata.get("method") == "isolated" else REGIONAL, prompt=metadata.get("prompt", ""),
+        negative_prompt=metadata.get("negative_prompt", ""), width=metadata.get("width") or default_size,
+        height=metadata.get("height") or default_size, seed=metadata.get("seed", 0), steps=metadata.get("steps", 30),
+        guidance=metadata.get("guidance", 7.5), num_images=metadata.get("num_images", 1), rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The library as the page shows it
 
 
 def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
@@ -36,42 +628,345 @@ def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
     return gallery, rows
 
 
-def build_app(base_name: str, library_dir: str) -> gr.Blocks:
-    library = ConceptLibrary(library_dir)
+def fused_rows(records: list[dict]) -> list[list]:
+    return [[" + ".join(f"<{n}>" for n in r["concepts"]), r["method"], r.get("created", ""), Path(r["folder"]).name] for r in records]
 
-    def refresh():
+
+def report_rows(report: dict) -> list[list]:
+    """Per concept: mean and max relative output error of the method, and of weight averaging."""
+    return [[f"<{name}>", round(s["mean_relative_error"], 5), round(s["max_relative_error"], 5),
+             round(s["weight_average_mean_relative_error"], 5)] for name, s in report.get("summary", {}).items()]
+
+
+def fused_choices(records: list[dict]) -> list[tuple[str, str]]:
+    choices = [("automatic (fuse on the fly, cached)", "")]
+    choices += [(f"{' + '.join('<' + n + '>' for n in r['concepts'])} · {r['method']}", r["folder"]) for r in records]
+    return choices
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+CSS = """
+.job-bar {height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden; margin-top: 6px}
+.job-bar > div {height: 100%; background: #f97316; transition: width 0.3s}
+.job-failed, .job-cancelled {color: #b91c1c}
+.job-note {color: #b45309}
+#test-model-banner {background: #fef3c7; border-radius: 6px; padding: 4px 12px}
+"""
+
+
+def warn(error: Exception) -> str:
+    """Show a user error as a toast and return it for the page's status line."""
+    gr.Warning(str(error))
+    return error_html(error)
+
+
+def build_concepts_tab(studio: Studio, library_views: list) -> dict:
+    """Training form, progress, previews, cancel; the library gallery and its actions."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            photos = gr.File(label="Photos of one pet (drop 3 or more)", file_count="multiple", file_types=["image"], elem_id="train-photos")
+            with gr.Row():
+                name = gr.Textbox(label="Name (prompts use it as <name>)", placeholder="mochi", elem_id="train-name")
+                class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
+            auto_mask = gr.Checkbox(label="Find the pet in each photo automatically (detector masks for the loss)")
+            with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
+                with gr.Row():
+                    steps = gr.Number(label="Steps (0: 500 per photo / batch size)", value=0, precision=0, minimum=0, elem_id="train-steps")
+                    batch_size = gr.Number(label="Batch size", value=2, precision=0, minimum=1)
+                    rank = gr.Number(label="LoRA rank", value=4, precision=0, minimum=1)
+                    resolution = gr.Number(label="Resolution (0: the base's own)", value=0, precision=0, minimum=0)
+                with gr.Row():
+                    lr_embedding = gr.Number(label="Learning rate, embeddings", value=1e-3)
+                    lr_text_lora = gr.Number(label="Learning rate, text-encoder LoRA", value=1e-5)
+                    lr_unet_lora = gr.Number(label="Learning rate, UNet LoRA", value=1e-4)
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    preview_every = gr.Number(label="Preview every N steps (0: about five per run)", value=0, precision=0, minimum=0)
+                    overwrite = gr.Checkbox(label="Replace a concept of the same name")
+                    resume = gr.Checkbox(label="Continue from the last checkpoint (after a cancel)")
+            with gr.Row():
+                train_button = gr.Button("Train", variant="primary", elem_id="train-button")
+                cancel_button = gr.Button("Cancel training", elem_id="cancel-button")
+        with gr.Column(scale=2):
+            progress = gr.HTML(progress_html(studio.jobs.latest("train"), "No training yet."), elem_id="train-progress")
+            previews = gr.Gallery(label="Previews as training goes", columns=5, height=180, elem_id="train-previews")
+    gr.Markdown("### Library")
+    library_gallery, library_table = library_views
+    library_gallery.render()
+    library_table.render()
+    with gr.Row():
+        selected = gr.Dropdown(label="Concept", choices=studio.library.names(), elem_id="library-concept")
+        new_name = gr.Textbox(label="New name")
+        import_name = gr.Textbox(label="Import as (optional)")
+    with gr.Row():
+        rename_button = gr.Button("Rename")
+        delete_button = gr.Button("Delete", variant="stop")
+        export_button = gr.Button("Export .safetensors")
+        import_button = gr.UploadButton("Import .safetensors", file_types=[".safetensors"])
+    export_file = gr.File(label="Exported concept", visible=True, interactive=False)
+    library_status = gr.Markdown(elem_id="library-status")
+
+    form = {photos, name, class_word, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
+            lr_unet_lora, seed, preview_every, overwrite, resume}
+
+    def on_train(values: dict) -> str:
         try:
-            return library_rows(library)
+            config = TrainConfig(
+                name=values[name].strip(), class_word=values[class_word].strip(), steps=int(values[steps]) or None,
+                batch_size=int(values[batch_size]), resolution=int(values[resolution]) or None, rank=int(values[rank]),
+                lr_embedding=float(values[lr_embedding]), lr_text_lora=float(values[lr_text_lora]),
+                lr_unet_lora=float(values[lr_unet_lora]), seed=int(values[seed]), preview_every=int(values[preview_every]))
+            state = studio.submit_training(values[photos] or [], config, values[auto_mask], values[overwrite], values[resume])
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            return warn(error)
+        return progress_html(state)
+
+    def on_cancel() -> str:
+        state = studio.cancel_training()
+        return progress_html(state, "No training to cancel.")
+
+    def library_action(action, *args) -> str:
+        try:
+            return action(*args)
+        except UserError as error:
+            gr.Warning(str(error))
+            return f"⚠ {error}"
+
+    def on_export(concept: str):
+        try:
+            return studio.export(concept), f"exported <{concept}>"
+        except UserError as error:
+            return None, warn(error)
+
+    train_button.click(on_train, inputs=form, outputs=progress, concurrency_limit=None)
+    cancel_button.click(on_cancel, outputs=progress, concurrency_limit=None)
+    rename_button.click(lambda c, n: library_action(studio.rename, c, n), [selected, new_name], library_status)
+    delete_button.click(lambda c: library_action(studio.delete, c) if c else "", selected, library_status,
+                        js="(c) => (c && confirm('Delete <' + c + '> from the library?')) ? c : null")
+    export_button.click(on_export, selected, [export_file, library_status])
+    import_button.upload(lambda f, n: library_action(studio.import_concept, f, n), [import_button, import_name], library_status)
+    return {"progress": progress, "previews": previews, "selected": selected}
+
+
+def build_compose_tab(studio: Studio) -> dict:
+    """Pick concepts, fuse them with progress; the cached fused models and their reports."""
+    gr.Markdown("Fuse two or more concepts into one model (Mix-of-Show gradient fusion), or average their weights to compare."
+                " Generate fuses on the fly when a picture names several concepts; fusing here first lets you see the report.")
+    with gr.Row():
+        names = gr.CheckboxGroup(label="Concepts", choices=studio.library.names(), elem_id="compose-concepts")
+        method = gr.Radio(label="Method", choices=[("gradient fusion", "gradient"), ("weight averaging", "weight")], value="gradient")
+    fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
+    status = gr.HTML(elem_id="fuse-status")
+    records = studio.fused_models()
+    fused_table = gr.Dataframe(value=fused_rows(records), headers=["concepts", "method", "created", "folder"],
+                               label="Fused models (cached in the library; select one for its report)", interactive=False)
+    report = gr.Dataframe(headers=["concept", "mean relative error", "max relative error", "weight averaging, mean"],
+                          label="Fusion report: relative output error per concept (lower keeps the concept better)",
+                          interactive=False, elem_id="fusion-report")
+
+    def on_fuse(concepts: list[str], chosen: str):
+        try:
+            state = studio.submit_fusion(concepts or [], chosen)
+        except UserError as error:
+            yield {status: warn(error)}
+            return
+        for state in studio.follow(state.id):
+            yield {status: progress_html(state)}
+        records = studio.fused_models()
+        shown = next((r for r in records if r["folder"] == state.result), None)
+        yield {status: progress_html(state), fused_table: fused_rows(records),
+               report: report_rows(shown.get("report", {}) if shown else {}) if shown else gr.skip()}
+
+    def on_select(evt: gr.SelectData):
+        records = studio.fused_models()
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return report_rows(records[row]["report"]) if row < len(records) else []
+
+    fuse_button.click(on_fuse, [names, method], [status, fused_table, report], concurrency_limit=None)
+    fused_table.select(on_select, None, report)
+    return {"names": names, "fused_table": fused_table}
+
+
+def build_generate_tab(studio: Studio) -> dict:
+    """Mode, prompts, canvas with labelled boxes, box table, settings; results, stages and history."""
+    size = studio.default_size
+    tokens = [f"<{n}>" for n in studio.library.names()]
+    with gr.Row():
+        with gr.Column(scale=3):
+            mode = gr.Radio(label="Method", choices=[REGIONAL, ISOLATED], value=REGIONAL, elem_id="generate-mode")
+            prompt = gr.Textbox(label="Prompt (the whole picture)", placeholder="a dog and a cat in a hot spring", elem_id="generate-prompt")
+            negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+            with gr.Row():
+                width = gr.Slider(label="Width", minimum=32, maximum=1024, step=8, value=size)
+                height = gr.Slider(label="Height", minimum=32, maximum=1024, step=8, value=size)
+            gr.Markdown("Draw a box for each pet (drag on the canvas), then pick its concept in the dialog; press E on a"
+                        " selected box to change its label, Delete to remove it. Regional: each box gets its own prompt."
+                        " Isolated: the layout comes from the prompt and each box names a subject the detector looks for.")
+            canvas = image_annotator(value=annotator_value(size, size, []), label_list=tokens,
+                                     label_colors=[label_color(t) for t in tokens], image_type="pil", sources=[],
+                                     show_clear_button=False, show_remove_button=False, label="Canvas", elem_id="canvas")
+            table = gr.Dataframe(headers=BOX_COLUMNS, value=[], label="Boxes (prompts are editable)", interactive=True,
+                                 column_count=(len(BOX_COLUMNS), "fixed"), elem_id="box-table")
+        with gr.Column(scale=2):
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="generate-seed")
+                random_seed = gr.Checkbox(label="Random seed", value=True)
+            with gr.Row():
+                steps = gr.Slider(label="Steps", minimum=2, maximum=100, step=1, value=30, elem_id="generate-steps")
+                guidance = gr.Slider(label="Guidance", minimum=1.0, maximum=15.0, step=0.5, value=7.5)
+                num_images = gr.Slider(label="Images", minimum=1, maximum=8, step=1, value=1)
+            fused = gr.Dropdown(label="Fused model", choices=fused_choices(studio.fused_models()), value="")
+            with gr.Accordion("Isolated settings", open=False):
+                t_lay = gr.Slider(label="Layout time (fraction of the schedule)", minimum=0.5, maximum=0.95, step=0.05, value=0.75)
+                box_threshold = gr.Slider(label="Detector box threshold", minimum=0.05, maximum=0.95, step=0.05, value=0.35)
+                text_threshold = gr.Slider(label="Detector text threshold", minimum=0.05, maximum=0.95, step=0.05, value=0.25)
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            status = gr.HTML(elem_id="generate-status")
+            results = gr.Gallery(label="Images (click one, then 'Reuse settings')", columns=2, height=360,
+                                 buttons=["download", "fullscreen"], elem_id="results")
+            stages = gr.Gallery(label="Isolated: layout, detections with masks, final", columns=4, height=200, elem_id="stages")
+            reuse_button = gr.Button("Reuse settings of the selected image", elem_id="reuse-button")
+    history = gr.Gallery(value=studio.history(), label="History (saved in the outputs folder)", columns=8, height=240,
+                         buttons=["download"], elem_id="history")
+    selected_image = gr.State(None)
+    result_paths = gr.State([])
+    history_paths = gr.State(studio.history())
+    form = {mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images, table, fused,
+            t_lay, box_threshold, text_threshold}
+
+    def on_canvas(value, w, h, current):
+        return rows_to_table(rows_from_annotator(value, int(w), int(h), rows_from_table(current), studio.library))
+
+    def on_size(w, h, current):
+        rows = [replace(r, box=(min(r.box[0], w), min(r.box[1], h), min(r.box[2], w), min(r.box[3], h))) for r in rows_from_table(current)]
+        return annotator_value(int(w), int(h), rows)
+
+    def on_generate(values: dict):
+        try:
+            chosen_seed = random.randrange(2**31) if values[random_seed] else int(values[seed])
+            request = GenerationRequest(
+                mode=values[mode], prompt=values[prompt].strip(), negative_prompt=values[negative].strip(),
+                width=int(values[width]), height=int(values[height]), seed=chosen_seed, steps=int(values[steps]),
+                guidance=float(values[guidance]), num_images=int(values[num_images]), rows=tuple(rows_from_table(values[table])),
+                fused=values[fused] or None, t_lay=float(values[t_lay]), box_threshold=float(values[box_threshold]),
+                text_threshold=float(values[text_threshold]))
+            state = studio.submit_generation(request)
+        except UserError as error:
+            yield {status: warn(error)}
+            return
+        yield {seed: chosen_seed}
+        for state in studio.follow(state.id):
+            yield {status: progress_html(state)}
+        if state.status != DONE:
+            gr.Warning(state.message)
+            return
+        output: GenerationOutput = state.result
+        if output.message:
+            gr.Warning(output.message)
+        paths = studio.history()
+        yield {results: output.images, result_paths: output.images, stages: output.stages, history: paths, history_paths: paths}
+
+    def on_pick(paths: list[str], evt: gr.SelectData):
+        return paths[evt.index] if evt.index is not None and evt.index < len(paths) else None
+
+    def on_reuse(path: str | None):
+        if not path:
+            return {status: warn(UserError("click an image in Images or History first"))}
+        metadata = read_png_metadata(path)
+        if not metadata:
+            return {status: warn(UserError(f"{Path(path).name} carries no Menagerie settings"))}
+        request = request_from_metadata(metadata, studio.default_size)
+        rows = list(request.rows)
+        return {mode: request.mode, prompt: request.prompt, negative: request.negative_prompt, width: request.width,
+                height: request.height, seed: request.seed, random_seed: False, steps: request.steps, guidance: request.guidance,
+                num_images: request.num_images, fused: request.fused or "", t_lay: request.t_lay,
+                box_threshold: request.box_threshold, text_threshold: request.text_threshold,
+                canvas: annotator_value(request.width, request.height, rows), table: rows_to_table(rows),
+                status: f"<div>Settings of {html.escape(Path(path).name)} loaded.</div>"}
+
+    canvas.change(on_canvas, [canvas, width, height, table], table)
+    width.release(on_size, [width, height, table], canvas)
+    height.release(on_size, [width, height, table], canvas)
+    generate_button.click(on_generate, inputs=form, outputs=[status, seed, results, result_paths, stages, history, history_paths],
+                          concurrency_limit=None)
+    results.select(on_pick, result_paths, selected_image)
+    history.select(on_pick, history_paths, selected_image)
+    reuse_button.click(on_reuse, selected_image, [mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images,
+                                                  fused, t_lay, box_threshold, text_threshold, canvas, table, status])
+    return {"canvas": canvas, "fused": fused}
+
+
+def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, studio: Studio | None = None) -> gr.Blocks:
+    studio = studio or Studio(base_name, library_dir, outputs_dir or Path(library_dir).parent / "outputs")
 
     with gr.Blocks(title="Menagerie") as demo:
         gr.Markdown("# Menagerie\nYour own pets, together in one picture: train each pet as a concept, then compose them.")
-        if base_name == TINY:
-            gr.Markdown(
-                "**Test model in use (`--base tiny`): a tiny random network. Every image it makes is noise;"
-                " it exists so every flow runs offline.**",
-                elem_id="test-model-banner",
-            )
-        gr.Markdown(f"Base model: `{base_name}` · concept library: `{library.root}`")
+        if studio.is_test_model:
+            gr.Markdown(f"**Test model in use (`--base tiny`): a tiny random network. Every image it makes is noise"
+                        f" ({TEST_MODEL_NOTE}); it exists so every flow runs offline.**", elem_id="test-model-banner")
+        status = gr.Markdown(studio.status_markdown(), elem_id="status")
+        queue = gr.Markdown(queue_markdown(studio.jobs.jobs()), elem_id="queue")
+        library_gallery = gr.Gallery(label="Concepts", columns=6, height="auto", render=False, elem_id="library-gallery")
+        library_table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created"], label="Concept details",
+                                     interactive=False, render=False, elem_id="library-table")
         with gr.Tab("Concepts"):
-            gallery = gr.Gallery(label="Concept library", columns=4, height="auto")
-            table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created"], label="Concepts", interactive=False)
-            refresh_button = gr.Button("Refresh")
-            refresh_button.click(refresh, outputs=[gallery, table])
-        demo.load(refresh, outputs=[gallery, table])
+            concepts = build_concepts_tab(studio, [library_gallery, library_table])
+        with gr.Tab("Compose"):
+            compose = build_compose_tab(studio)
+        with gr.Tab("Generate"):
+            generation = build_generate_tab(studio)
+        library_seen = gr.State(-1)
+        previews_seen = gr.State(None)
+        timer = gr.Timer(POLL_SECONDS)
+
+        def poll(seen_version: int, seen_previews):
+            """The page's view of the studio: status, queue, training; the library only when it changed."""
+            training = studio.jobs.latest("train")
+            update = {status: studio.status_markdown(), queue: queue_markdown(studio.jobs.jobs()),
+                      concepts["progress"]: progress_html(training, "No training yet.")}
+            preview_key = (training.id, len(training.previews)) if training else None
+            if preview_key != seen_previews:
+                update[concepts["previews"]] = list(training.previews) if training else []
+                update[previews_seen] = preview_key
+            if studio.library_version != seen_version:
+                update.update(library_views(studio))
+                update[library_seen] = studio.library_version
+            return update
+
+        def library_views(studio: Studio) -> dict:
+            gallery, rows = library_rows(studio.library)
+            names = studio.library.names()
+            tokens = [f"<{n}>" for n in names]
+            records = studio.fused_models()
+            return {library_gallery: gallery, library_table: rows, concepts["selected"]: gr.update(choices=names, value=None),
+                    compose["names"]: gr.update(choices=names), compose["fused_table"]: fused_rows(records),
+                    generation["fused"]: gr.update(choices=fused_choices(records)),
+                    generation["canvas"]: gr.update(label_list=tokens, label_colors=[label_color(t) for t in tokens])}
+
+        poll_outputs = [status, queue, concepts["progress"], concepts["previews"], previews_seen, library_gallery, library_table,
+                        concepts["selected"], compose["names"], compose["fused_table"], generation["fused"], generation["canvas"], library_seen]
+        timer.tick(poll, [library_seen, previews_seen], poll_outputs, concurrency_limit=None, show_progress="hidden")
+        demo.load(poll, [library_seen, previews_seen], poll_outputs, concurrency_limit=None)
+    demo.studio = studio  # tests and main() reach the studio through the page
     return demo
 
 
 def main() -> None:
+    storage = persistent_dir()
     parser = argparse.ArgumentParser(description="Menagerie studio")
     parser.add_argument("--base", default=os.environ.get("MENAGERIE_BASE", DEFAULT_BASE), help="Hub id, diffusers folder, checkpoint file or 'tiny'")
-    parser.add_argument("--concepts-dir", default=default_library(), help="concept library folder")
+    parser.add_argument("--concepts-dir", default=str(storage / "concepts") if storage else default_library(), help="concept library folder")
+    parser.add_argument("--outputs-dir", default=str(storage / "outputs") if storage else "outputs", help="where generated images are saved")
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--share", action="store_true")
     args = parser.parse_args()
-    demo = build_app(args.base, args.concepts_dir)
-    demo.queue(default_concurrency_limit=1).launch(server_port=args.port, share=args.share)
+    demo = build_app(args.base, args.concepts_dir, args.outputs_dir)
+    studio = demo.studio
+    demo.queue(default_concurrency_limit=1).launch(
+        server_port=args.port, share=args.share, css=CSS, allowed_paths=[str(studio.library.root), str(studio.outputs)])
 
 
 if __name__ == "__main__":
