@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import html
+import json
 import os
 import random
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _off
 from pipelines.concept import ConceptLibrary
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
-from pipelines.fusion import FusionConfig, cache_key, fuse_concepts, list_fused
+from pipelines.fusion import REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
 from pipelines.isolated import IsolateConfig, Subject, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
@@ -410,25 +412,29 @@ class Studio:
                             " Duplicate the Space onto a GPU (⋮ menu → Duplicate this Space, e.g. an A10G) and train there")
         if not photo_paths:
             raise UserError("no photos given; drop 3 or more photos of one pet in the photo box")
-        photos, _ = load_training_set([Path(p) for p in photo_paths])  # loaded now: upload temp files may vanish
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "only 2 photos": shown with the result
+            warnings.simplefilter("always")
+            photos, _ = load_training_set([Path(p) for p in photo_paths])  # loaded now: upload temp files may vanish
+        notes = [str(w.message) for w in caught]
         config = check_train_config(config, len(photos))
         if config.name in self.library.names() and not overwrite:
             raise UserError(f"a concept named <{config.name}> already exists; choose another name or tick 'replace'")
         if not config.preview_every:
             config = replace(config, preview_every=max(1, config.steps // 5))  # about five previews per run
         return self.jobs.submit("train", f"training <{config.name}>",
-                                lambda job: run_training(self, job, photos, config, auto_mask, resume))
+                                lambda job: run_training(self, job, photos, config, auto_mask, resume, notes))
 
-    def _train(self, job: Job, photos: list[Image.Image], config: TrainConfig, auto_mask: bool, resume: bool) -> str:
+    def _train(self, job: Job, photos: list[Image.Image], config: TrainConfig, auto_mask: bool, resume: bool, notes: list[str]) -> str:
         job.update(stage="loading the base model")
         base = self.models.get(fresh=True)
         self.models.trained_in = True  # from here on the base carries this run's adapters
-        masks, note = None, ""
+        masks = None
         if auto_mask:
             job.update(stage="finding the pet in each photo")
             masks = [subject_mask(p, config.class_word, detector=self.detector, segmenter=self.segmenter, device=base.device) for p in photos]
             missing = [str(i + 1) for i, m in enumerate(masks) if m is None]
-            note = f"no {config.class_word} found in photo(s) {', '.join(missing)}; their loss covers the whole photo" if missing else ""
+            if missing:
+                notes.append(f"no {config.class_word} found in photo(s) {', '.join(missing)}; their loss covers the whole photo")
         preview_dir = self.outputs / ".training" / f"{job.id}-{config.name}"
 
         def report(progress) -> None:
@@ -443,7 +449,7 @@ class Studio:
                                checkpoint_dir=self.library.root / ".checkpoints" / config.name, resume=resume)
         self.library.save(result.concept, result.tensors, result.preview, overwrite=True)
         self.library_changed()
-        job.update(message=note)
+        job.update(message="; ".join(notes))
         return config.name
 
     def cancel_training(self) -> JobState | None:
@@ -581,8 +587,8 @@ class Studio:
 
 # The work of each job, wrapped for ZeroGPU (which needs module-level functions to attach a GPU to).
 @gpu_task
-def run_training(studio: Studio, job: Job, photos, config: TrainConfig, auto_mask: bool, resume: bool) -> str:
-    return studio._train(job, photos, config, auto_mask, resume)
+def run_training(studio: Studio, job: Job, photos, config: TrainConfig, auto_mask: bool, resume: bool, notes: list[str]) -> str:
+    return studio._train(job, photos, config, auto_mask, resume, notes)
 
 
 @gpu_task
@@ -630,6 +636,12 @@ def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
 
 def fused_rows(records: list[dict]) -> list[list]:
     return [[" + ".join(f"<{n}>" for n in r["concepts"]), r["method"], r.get("created", ""), Path(r["folder"]).name] for r in records]
+
+
+def fused_report(record: dict) -> dict:
+    """The fusion report stored beside a fused model ({} if it has none)."""
+    path = Path(record["folder"]) / REPORT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def report_rows(report: dict) -> list[list]:
@@ -778,12 +790,12 @@ def build_compose_tab(studio: Studio) -> dict:
         records = studio.fused_models()
         shown = next((r for r in records if r["folder"] == state.result), None)
         yield {status: progress_html(state), fused_table: fused_rows(records),
-               report: report_rows(shown.get("report", {}) if shown else {}) if shown else gr.skip()}
+               report: report_rows(fused_report(shown)) if shown else gr.skip()}
 
     def on_select(evt: gr.SelectData):
         records = studio.fused_models()
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        return report_rows(records[row]["report"]) if row < len(records) else []
+        return report_rows(fused_report(records[row])) if row < len(records) else []
 
     fuse_button.click(on_fuse, [names, method], [status, fused_table, report], concurrency_limit=None)
     fused_table.select(on_select, None, report)

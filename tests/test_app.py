@@ -1,10 +1,19 @@
-"""The app starts and shows the concept library (the studio proper is its own issue)."""
+"""The studio's handlers on the tiny model, without a browser: training, library actions, fusion,
+regional and isolated generation, reuse of settings, history, status, and every catalogued error."""
 
+import time
+from pathlib import Path
+
+import pytest
 import torch
 from PIL import Image
 
 import app
 from pipelines.concept import Concept, ConceptLibrary
+from pipelines.errors import UserError
+from pipelines.jobs import CANCELLED, DONE, FAILED, QUEUED
+from pipelines.sample import read_png_metadata
+from pipelines.train import TrainConfig
 
 
 def _save_concept(library: ConceptLibrary, name: str) -> None:
@@ -30,11 +39,260 @@ def test_library_rows_show_each_concept_with_preview(tmp_path):
     assert "test model" in gallery[0][1]
 
 
-def test_app_builds_with_title_and_concepts_tab(tmp_path):
-    demo = app.build_app("tiny", str(tmp_path))
+def test_app_builds_with_title_tabs_and_test_model_banner(tmp_path):
+    demo = app.build_app("tiny", str(tmp_path / "lib"), str(tmp_path / "out"))
     assert demo.title == "Menagerie"
     config = demo.get_config_file()
     labels = [c.get("props", {}).get("label") for c in config["components"]]
-    assert "Concepts" in labels
+    for tab in ("Concepts", "Compose", "Generate"):
+        assert tab in labels
     texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
     assert "noise" in texts  # the tiny-model banner
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: canvas and box table
+
+
+def test_boxes_drawn_on_the_canvas_become_image_pixels_with_default_prompts(tmp_path):
+    library = ConceptLibrary(tmp_path)
+    _save_concept(library, "mochi")
+    scale = app.canvas_scale(64, 32)  # 512 / 64 = 8 canvas pixels per image pixel
+    value = {"image": app.blank_canvas(64, 32), "boxes": [
+        {"label": "<mochi>", "xmin": 8 * scale, "ymin": 0, "xmax": 40 * scale, "ymax": 32 * scale},
+        {"label": "a red ball", "xmin": 0, "ymin": 4 * scale, "xmax": 100 * scale, "ymax": 12 * scale},  # past the edge
+    ]}
+    rows = app.rows_from_annotator(value, 64, 32, [], library)
+    assert rows[0] == app.BoxRow("<mochi>", (8, 0, 40, 32), "a photo of <mochi> dog", "", "dog")
+    assert rows[1] == app.BoxRow("a red ball", (0, 4, 64, 12), "a red ball", "", "a red ball")
+    # an edited prompt survives moving the box
+    edited = [app.replace(rows[0], prompt="<mochi> dog wearing a hat"), rows[1]]
+    value["boxes"][0]["xmin"] = 0
+    moved = app.rows_from_annotator(value, 64, 32, edited, library)
+    assert moved[0].prompt == "<mochi> dog wearing a hat" and moved[0].box == (0, 0, 40, 32)
+    # the table round-trips, and the annotator value puts the boxes back on the canvas
+    assert app.rows_from_table(app.rows_to_table(moved)) == moved
+    boxes = app.annotator_value(64, 32, moved)["boxes"]
+    assert (boxes[0]["xmax"], boxes[0]["ymax"]) == (40 * scale, 32 * scale)
+
+
+@pytest.mark.parametrize("row, fragment", [
+    (app.BoxRow("", (0, 0, 8, 8), "something"), "box 1 has no label"),
+    (app.BoxRow("<rex>", (0, 0, 8, 8), "a photo of <rex> dog"), "<rex>, which is not in the library"),
+    (app.BoxRow("<mochi>", (0, 0, 8, 8), ""), "empty prompt"),
+])
+def test_bad_boxes_are_refused_with_a_message(tmp_path, row, fragment):
+    library = ConceptLibrary(tmp_path)
+    _save_concept(library, "mochi")
+    with pytest.raises(UserError, match=fragment.replace("<", "<").replace("(", r"\(")):
+        app.check_rows([row], library)
+
+
+def test_progress_html_shows_step_loss_eta_and_queue_place():
+    running = app.JobState(id=1, kind="train", title="training <mochi>", status="running", step=3, total=12, loss=0.1234, eta_seconds=75)
+    text = app.progress_html(running)
+    assert "step 3 / 12" in text and "loss 0.1234" in text and "ETA 1:15" in text and "width:25.0%" in text
+    assert "number 2 in the queue" in app.progress_html(app.replace(running, status=QUEUED, position=2))
+    assert "&lt;mochi&gt;" in text  # escaped, so a concept token does not become an HTML tag
+
+
+def test_base_problem_says_how_to_fix_a_missing_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app.base_problem("tiny") is None
+    offline = app.base_problem("someone/not-cached-model")
+    assert "not in the local Hugging Face cache" in offline and "hf download someone/not-cached-model" in offline
+    assert "does not exist" in app.base_problem(str(tmp_path / "nothing.safetensors"))
+    studio = app.Studio("someone/not-cached-model", tmp_path / "lib", tmp_path / "out")
+    status = studio.status_markdown()
+    assert "cannot be loaded" in status and "--base tiny" in status
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):  # and a job says the same
+        studio.models.get()
+
+
+def test_training_is_refused_on_zero_gpu_with_a_duplicate_hint(tmp_path, monkeypatch, photo):
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    with pytest.raises(UserError, match="Duplicate the Space onto a GPU"):
+        studio.submit_training([], TrainConfig(name="mochi", class_word="dog"))
+
+
+def test_persistent_storage_is_used_on_spaces(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.persistent_dir() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The studio on the tiny model: one library trained through the job queue, shared by the tests below
+
+
+def quick(name: str, class_word: str = "dog", **overrides) -> TrainConfig:
+    settings = dict(name=name, class_word=class_word, steps=3, batch_size=1, crop_probability=0.0, preview_steps=2, preview_every=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_dir, tmp_path_factory):
+    """A studio on the tiny model with <mochi> (dog) and <tama> (cat) trained through its queue."""
+    root = tmp_path_factory.mktemp("studio")
+    photos = []
+    for i in range(3):
+        from conftest import procedural_photo
+
+        path = root / f"photo{i}.png"
+        procedural_photo(i).save(path)
+        photos.append(str(path))
+    studio = app.Studio("tiny", root / "lib", root / "out")
+    first = studio.submit_training(photos, quick("mochi"))
+    while studio.jobs.snapshot(first.id).status == QUEUED:  # until the worker has taken it
+        time.sleep(0.01)
+    second = studio.submit_training(photos[:2], quick("tama", "cat"))
+    studio.first_states = (first, studio.jobs.snapshot(second.id))  # the second waits while the first runs
+    for state in (first, second):
+        finished = studio.jobs.wait(state.id, timeout=300)
+        assert finished.status == DONE, finished.message
+    return studio
+
+
+def test_training_runs_in_the_queue_with_progress_previews_and_saves_the_concept(studio):
+    first, second_at_submit = studio.first_states
+    assert second_at_submit.status == QUEUED and second_at_submit.position == 1
+    done = studio.jobs.snapshot(first.id)
+    assert (done.step, done.total) == (3, 3) and done.loss is not None
+    assert len(done.previews) == 1 and Path(done.previews[0]).exists()  # preview_every=2 of 3 steps
+    assert studio.library.names() == ["mochi", "tama"]
+    assert studio.library.get("tama").photo_count == 2
+    tama = studio.jobs.latest("train")
+    assert "only 2 photo(s)" in tama.message  # the loader's warning reaches the page
+    gallery, rows = app.library_rows(studio.library)
+    assert len(gallery) == 2 and rows[0][0] == "<mochi>"
+
+
+@pytest.mark.parametrize("photos, config, fragment", [
+    ([], quick("rex"), "no photos given"),
+    (None, quick("mochi"), "already exists"),
+    (None, quick("Bad Name"), "is not valid"),
+])
+def test_bad_training_requests_are_refused_before_queueing(studio, tmp_path, photos, config, fragment):
+    if photos is None:
+        photos = [str(tmp_path / "p.png")]
+        Image.new("RGB", (64, 64)).save(photos[0])
+    before = len(studio.jobs.jobs())
+    with pytest.raises(UserError, match=fragment):
+        studio.submit_training(photos, config)
+    assert len(studio.jobs.jobs()) == before
+
+
+def test_unreadable_photo_is_refused(studio, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(UserError, match="cannot read image"):
+        studio.submit_training([str(bad)], quick("rex"))
+
+
+def test_cancel_stops_a_training_run_and_keeps_the_library(studio, photo, tmp_path):
+    path = tmp_path / "p.png"
+    photo.save(path)
+    state = studio.submit_training([str(path)], quick("rex", steps=500, preview_every=0))
+    studio.cancel_training()
+    stopped = studio.jobs.wait(state.id, timeout=60)
+    assert stopped.status == CANCELLED
+    assert studio.library.names() == ["mochi", "tama"]
+
+
+def test_rename_export_import_and_delete(studio, tmp_path):
+    exported = studio.export("tama")
+    assert Path(exported).name == "tama.safetensors"
+    assert "imported <tama2>" in studio.import_concept(exported, "tama2")
+    assert "renamed <tama2> to <tama3>" == studio.rename("tama2", "tama3")
+    version = studio.library_version
+    studio.delete("tama3")
+    assert studio.library_version == version + 1
+    assert studio.library.names() == ["mochi", "tama"]
+    with pytest.raises(UserError, match="unknown concept"):
+        studio.delete("tama3")
+    with pytest.raises(UserError, match="pick a concept"):
+        studio.export("")
+
+
+def test_fusion_job_reports_per_concept_errors(studio):
+    with pytest.raises(UserError, match="no concepts selected"):
+        studio.submit_fusion([], "gradient")
+    with pytest.raises(UserError, match="unknown concept"):
+        studio.submit_fusion(["mochi", "rex"], "gradient")
+    state = studio.jobs.wait(studio.submit_fusion(["mochi", "tama"], "gradient").id, timeout=300)
+    assert state.status == DONE, state.message
+    records = studio.fused_models()
+    assert [r["concepts"] for r in records] == [["mochi", "tama"]]
+    rows = app.report_rows(app.fused_report(records[0]))
+    assert [r[0] for r in rows] == ["<mochi>", "<tama>"]
+    assert all(0 <= r[1] <= r[2] for r in rows)  # mean error at most the max
+    assert app.fused_rows(records)[0][:2] == ["<mochi> + <tama>", "gradient"]
+
+
+def generation(**overrides) -> app.GenerationRequest:
+    settings = dict(mode=app.REGIONAL, prompt="a dog and a cat in a garden", width=64, height=64, seed=3, steps=2, guidance=5.0)
+    settings.update(overrides)
+    return app.GenerationRequest(**settings)
+
+
+def test_regional_generation_saves_pngs_that_carry_their_settings(studio):
+    rows = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", "blurry", "dog"),)
+    state = studio.jobs.wait(studio.submit_generation(generation(rows=rows, num_images=2)).id, timeout=300)
+    assert state.status == DONE, state.message
+    paths = state.result.images
+    assert len(paths) == 2 and all(Path(p).exists() for p in paths)
+    metadata = read_png_metadata(paths[1])
+    assert metadata["regions"] == [{"box": [0, 0, 32, 64], "prompt": "a photo of <mochi> dog", "negative_prompt": "blurry"}]
+    assert metadata["index"] == 1 and metadata["concepts"] == ["mochi"]
+    # "reuse settings" gives back the same form, boxes and labels included
+    assert app.request_from_metadata(metadata, 64) == generation(rows=rows, num_images=2)
+    assert paths[0] in studio.history() and paths[1] in studio.history()
+
+
+def test_two_concepts_fuse_once_and_the_base_is_reused(studio):
+    rows = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog"), app.BoxRow("<tama>", (32, 0, 64, 64), "a photo of <tama> cat"))
+    first = studio.jobs.wait(studio.submit_generation(generation(rows=rows)).id, timeout=300)
+    assert first.status == DONE, first.message
+    model = studio.models.model
+    again = studio.jobs.wait(studio.submit_generation(generation(rows=rows, seed=4)).id, timeout=300)
+    assert again.status == DONE and studio.models.model is model  # the fused base stayed loaded
+    assert read_png_metadata(again.result.images[0])["fused"] == model.fused
+
+
+@pytest.mark.parametrize("request_, fragment", [
+    (generation(prompt="  "), "the prompt is empty"),
+    (generation(rows=(app.BoxRow("", (0, 0, 8, 8), "x"),)), "has no label"),
+    (generation(rows=(app.BoxRow("<rex>", (0, 0, 8, 8), "a photo of <rex> dog"),)), "not in the library"),
+    (generation(mode=app.ISOLATED), "needs subjects"),
+])
+def test_bad_generation_requests_are_refused_before_queueing(studio, request_, fragment):
+    with pytest.raises(UserError, match=fragment):
+        studio.submit_generation(request_)
+
+
+def test_errors_found_by_the_pipeline_fail_the_job_not_the_studio(studio):
+    rows = (app.BoxRow("<mochi>", (0, 0, 80, 64), "a photo of <mochi> dog"),)  # past the 64-pixel edge
+    failed = studio.jobs.wait(studio.submit_generation(generation(rows=rows)).id, timeout=120)
+    assert failed.status == FAILED and "region" in failed.message.lower()
+    after = studio.jobs.wait(studio.submit_generation(generation()).id, timeout=120)
+    assert after.status == DONE
+
+
+def test_isolated_generation_shows_layout_detections_and_final(studio):
+    rows = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"),)
+    # the tiny random detector scores most boxes high: low thresholds find the dog
+    found = studio.jobs.wait(studio.submit_generation(generation(mode=app.ISOLATED, steps=4, rows=rows, box_threshold=0.05,
+                                                                 text_threshold=0.05)).id, timeout=300)
+    assert found.status == DONE, found.message
+    names = [Path(path).name for path, _ in found.result.stages]
+    assert names == ["layout.png", "detections.png", "mask_dog.png", "final.png"]
+    assert read_png_metadata(found.result.images[0])["method"] == "isolated"
+    # a detector that finds nothing: the page gets a message
+    studio.detector = lambda image, labels: []
+    try:
+        nothing = studio.jobs.wait(studio.submit_generation(generation(mode=app.ISOLATED, steps=4, rows=rows)).id, timeout=300)
+    finally:
+        studio.detector = "tiny"
+    assert nothing.status == DONE and "no subject was found" in nothing.message
+    assert len(nothing.result.images) == 1  # the layout is kept as the image
