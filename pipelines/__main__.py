@@ -54,12 +54,24 @@ def cmd_tiny_model(args) -> None:
     print(f"wrote tiny random test model to {out} (its images are noise; for tests and offline demos)")
 
 
+def load_configured_base(args):
+    """Load --base on --device (this process's own GPU under `accelerate launch`), then apply
+    --memory and --compile (validated first, so a typo fails before the model loads)."""
+    from .base import load_base
+    from .performance import check_performance, configure_performance, distributed_device
+
+    check_performance(args.memory, args.compile)
+    base = load_base(args.base, device=distributed_device(args.device), dtype=args.dtype)
+    configure_performance(base, memory=args.memory, compile=args.compile)
+    return base
+
+
 def cmd_train(args) -> None:
     from tqdm import tqdm
 
-    from .base import load_base
     from .concept import ConceptLibrary, check_name
     from .errors import UserError
+    from .performance import world
     from .train import TrainConfig, check_train_config, find_masks, find_photos, load_training_set, train_concept
 
     # 1. Check everything that needs no model
@@ -95,7 +107,7 @@ def cmd_train(args) -> None:
     check_train_config(config, len(photos))  # bad settings fail before the model loads
 
     # 2. Train, with a progress bar; Ctrl-C sets the cancel event so a checkpoint is written
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    base = load_configured_base(args)
     cancel = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     checkpoint_dir = library.root / ".checkpoints" / args.name
@@ -115,6 +127,8 @@ def cmd_train(args) -> None:
     finally:
         if bar is not None:
             bar.close()
+    if world().rank > 0:  # under a multi-process launch, only the first process saves and prints
+        return
     library.save(result.concept, result.tensors, result.preview, overwrite=True)
     print(f"saved concept <{args.name}> ({args.class_word}, {len(photos)} photos, {len(result.losses)} steps,"
           f" final loss {result.losses[-1]:.4f}) to {library.root / args.name}")
@@ -144,7 +158,7 @@ def cmd_detect(args) -> None:
 
 
 def cmd_isolate(args) -> None:
-    from .base import TEST_MODEL_NOTE, load_base
+    from .base import TEST_MODEL_NOTE
     from .concept import ConceptLibrary
     from .errors import UserError
     from .isolated import IsolateConfig, isolate, parse_subject, save_stages
@@ -160,7 +174,7 @@ def cmd_isolate(args) -> None:
     if not 0 < args.t_lay < 1:
         raise UserError(f"--t-lay {args.t_lay} must be between 0 and 1 (exclusive); about 0.75 is typical")
     library = ConceptLibrary(args.library)
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    base = load_configured_base(args)
     result = isolate(base, library, config, detector=args.detector, segmenter=args.segmenter, fused=args.fused)
     save_png(result.final, args.out, result.metadata)
     print(f"wrote {args.out}")
@@ -249,7 +263,7 @@ def cmd_fuse(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .base import TEST_MODEL_NOTE, load_base
+    from .base import TEST_MODEL_NOTE
     from .concept import ConceptLibrary
     from .errors import UserError
     from .regional import load_regions, parse_region
@@ -269,7 +283,7 @@ def cmd_generate(args) -> None:
     # sizes fail before the model loads, each under its own flag; 8 stands for "not given" (native size)
     check_size(8 if args.width is None else args.width, 8 if args.height is None else args.height)
     library = ConceptLibrary(args.library)
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    base = load_configured_base(args)
     result = generate(base, library, config, regions=regions, fused=args.fused)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
@@ -295,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
         p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' precision (default: bf16/fp16 on GPUs, fp32 on CPU)")
 
+    def performance_flags(p):
+        from .performance import COMPILE_MODES, MEMORY_MODES
+
+        p.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+                       help="auto (default: chosen from free GPU memory), high, low (gradient checkpointing, 8-bit AdamW"
+                            " if bitsandbytes is installed, VAE slicing) or lowest (also keeps the text encoder and VAE on the CPU)")
+        p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                       help="torch.compile the UNet (bare --compile: 'default'; 'reduce-overhead' adds CUDA graphs);"
+                            " the first run of each shape compiles for a while, later runs are faster")
+
     def detector_flags(p):
         from .detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
 
@@ -311,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an ED-LoRA concept from photos of one subject")
     model_flags(p)
+    performance_flags(p)
     library_flag(p)
     p.add_argument("--images", nargs="+", required=True, help="folder(s) or files of photos of the subject")
     p.add_argument("--masks", default=None, help="folder of subject masks (white = subject), one per photo, same file stem")
@@ -361,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images; prompts name concepts as <name>")
     model_flags(p)
+    performance_flags(p)
     library_flag(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -391,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("isolate", help="Isolated Diffusion: layout, detect each subject, re-synthesise each in isolation")
     model_flags(p)
+    performance_flags(p)
     library_flag(p)
     detector_flags(p)
     p.add_argument("--prompt", required=True, help="the full scene, e.g. 'a dog and a cat in a hot spring'")

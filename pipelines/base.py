@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .performance import Performance
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class BaseModel:
     fingerprint: str  # architecture hash; concepts carry it and are refused on another one
     fused: str | None = None  # folder of the fused model written into these weights, if any
     loaded_concepts: dict = field(default_factory=dict)  # concept name -> digest of what apply_concept loaded
+    performance: Performance = field(default_factory=Performance)  # memory and compile modes (configure_performance)
+    compiled_unet: object = None  # the torch.compile wrapper of `unet`, made on first use (performance.unet_forward)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -41,6 +41,7 @@ from PIL import Image
 from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
+from .performance import unet_forward
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -305,6 +306,7 @@ def isolate(
                           box_threshold=config.box_threshold, text_threshold=config.text_threshold)
 
     install_layerwise_attention(base.unet)
+    unet = unet_forward(base)  # compiled when base.performance asks for it
     started = time.perf_counter()
     guidance = config.guidance
 
@@ -334,7 +336,7 @@ def isolate(
             if i == lay_index:
                 latent_at_lay = latents.clone()
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_u, eps_c = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
+            eps_u, eps_c = unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
             latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
             if callback is not None:
                 callback("layout", i + 1, len(timesteps))
@@ -413,7 +415,7 @@ def isolate(
         for i, t in enumerate(remaining):
             check_cancel()
             model_input = scheduler.scale_model_input(all_latents, t).repeat_interleave(repeats, dim=0)
-            eps_rows = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
+            eps_rows = unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
             eps_latents, start = [], 0
             for size in groups:
                 block = eps_rows[start : start + size]  # [uncond, base, attachments...]

@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
+from .performance import memory_plan, offloaded, on_device, unet_forward, vae_slicing
 
 SCHEDULERS = ("dpm++", "ddim", "euler")
 
@@ -118,7 +119,9 @@ def denoise(
     """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d]).
 
     `cross_attention_kwargs` reach the attention processors (regional sampling passes its regions).
+    The UNet runs compiled when `base.performance.compile` asks for it.
     """
+    unet = unet_forward(base)
     scheduler = make_scheduler(scheduler_name, base.scheduler_config)
     scheduler.set_timesteps(steps, device=base.device)
     latents = latents * scheduler.init_noise_sigma
@@ -127,8 +130,8 @@ def denoise(
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling cancelled")
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context,
-                          cross_attention_kwargs=cross_attention_kwargs).sample.float()
+        noise = unet(model_input.to(base.dtype), t, encoder_hidden_states=context,
+                     cross_attention_kwargs=cross_attention_kwargs).sample.float()
         noise_uncond, noise_cond = noise.chunk(2)
         noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
@@ -144,12 +147,22 @@ def sample_loaded(
     cancel: threading.Event | None = None,
     regions: list | tuple = (),
 ) -> list[Image.Image]:
-    """Sample with whatever concepts are already loaded into `base` (optionally with regions)."""
+    """Sample with whatever concepts are already loaded into `base` (optionally with regions).
+
+    Low-memory modes (`pipelines.performance`) decode one image at a time and, in "lowest", keep
+    the text encoder and VAE on the CPU except while they run.
+    """
+    width, height = check_sample_config(config, base)
+    plan = memory_plan(base, "sample")
+    with offloaded(base, plan), vae_slicing(base, plan.vae_slicing):
+        return _sample_loaded(base, config, callback, cancel, regions, width, height, plan)
+
+
+def _sample_loaded(base, config, callback, cancel, regions, width, height, plan) -> list[Image.Image]:
     from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
 
-    width, height = check_sample_config(config, base)
     check_regions(list(regions), width, height)
-    with torch.no_grad():
+    with torch.no_grad(), on_device(base, base.text_encoder, plan):
         cond = encode_layerwise(base.tokenizer, base.text_encoder, [config.prompt] * config.num_images)
         uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt] * config.num_images)
         kwargs = None
@@ -172,7 +185,8 @@ def sample_loaded(
         latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel, kwargs)
     finally:
         install_layerwise_attention(base.unet)
-    return decode_latents(base, latents)
+    with on_device(base, base.vae, plan):
+        return decode_latents(base, latents)
 
 
 def generate(

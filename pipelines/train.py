@@ -13,6 +13,12 @@ templates. Steps default to 500 examples per photo, Mix-of-Show's `dataset_enlar
 Frozen weights stay in the base's dtype (half precision on GPUs); only trainable tensors are fp32.
 All randomness comes from `seed` through one Python RNG and one torch generator, both saved in
 checkpoints, so a resumed run equals an uninterrupted one.
+
+Speed and memory (`pipelines.performance`): the UNet may run compiled, low-memory modes add
+gradient checkpointing and 8-bit AdamW, the next batch is augmented on the CPU while the GPU
+works on the current step, and each step reads back one pair of numbers (loss and embedding
+norm). Under `accelerate launch` (or torchrun) every process trains on its own random batches
+and the trainable tensors' gradients are averaged, which is data parallelism.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from .edlora import (
 )
 from .errors import Cancelled, UserError
 from .layerwise import NUM_LAYERS, add_concept_tokens, encode_layerwise, install_layerwise_attention
+from .performance import average_gradients, gradient_checkpointing, init_distributed, make_adamw, memory_plan, unet_forward
 from .sample import SampleConfig, sample_loaded
 
 logger = logging.getLogger(__name__)
@@ -263,7 +270,12 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 def embedding_norm(vectors: torch.Tensor) -> float:
     """Mean L2 norm of a concept's 32 layer-wise vectors ([2, 16, d])."""
-    return vectors.detach().float().norm(dim=-1).mean().item()
+    return mean_norm(vectors).item()
+
+
+def mean_norm(vectors: torch.Tensor) -> torch.Tensor:
+    """`embedding_norm` as a 0-d tensor on the vectors' device (no host sync)."""
+    return vectors.detach().float().norm(dim=-1).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +316,19 @@ def _trainable_state(vectors: torch.Tensor, text_params: list, unet_params: list
     return state
 
 
+def _make_batch(photos, masks, config: TrainConfig, resolution: int, latent_size: int, rng: random.Random):
+    """One batch on the CPU: random photos, augmented, with captions from templates."""
+    pixels, loss_masks, prompts = [], [], []
+    for _ in range(config.batch_size):
+        index = rng.randrange(len(photos))
+        canvas, subject, pasted = resize_crop_paste(photos[index], masks[index] if masks else None, resolution, config.crop_probability, rng)
+        image_tensor, mask_tensor = to_tensors(canvas, subject if subject is not None else pasted, latent_size)
+        pixels.append(image_tensor)
+        loss_masks.append(mask_tensor)
+        prompts.append(caption(config.name, rng))
+    return torch.stack(pixels), torch.stack(loss_masks), prompts
+
+
 def _save_checkpoint(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -334,6 +359,9 @@ def train_concept(
         resume: continue from the checkpoint in `checkpoint_dir` if there is one.
     """
     # 1. Check inputs
+    here = init_distributed(base.device)
+    if config.steps is None and here.size > 1:  # the same examples in all, spread over the processes
+        config = replace(config, steps=default_steps(len(photos), config.batch_size * here.size))
     config = check_train_config(config, len(photos))
     if masks is not None and len(masks) != len(photos):
         raise UserError(f"{len(masks)} masks for {len(photos)} photos; give one mask per photo")
@@ -363,13 +391,19 @@ def train_concept(
         param.data = param.data.float()  # fp32 master copies of what trains; frozen weights stay half
         param.requires_grad_(True)
     vectors.requires_grad_(True)
+    if here.rank > 0:  # same initial weights everywhere (drawn above), then other batches and noise
+        rng = random.Random(config.seed + 1_000_003 * here.rank)
+        generator.manual_seed(config.seed + 1_000_003 * here.rank)
 
-    optimizer = torch.optim.AdamW(
+    plan = memory_plan(base, "train")
+    optimizer = make_adamw(
         [
             {"params": [vectors], "lr": config.lr_embedding},
             {"params": text_params, "lr": config.lr_text_lora},
             {"params": unet_params, "lr": config.lr_unet_lora},
         ],
+        base.device,
+        eight_bit=plan.adam_8bit,
         betas=(0.9, 0.999),
         weight_decay=config.weight_decay,
     )
@@ -396,82 +430,89 @@ def train_concept(
         lr_schedule.load_state_dict(payload["lr_schedule"])
         rng.setstate(payload["python_rng"])
         generator.set_state(payload["torch_rng"])
+        if here.rank > 0:  # the checkpoint holds rank 0's random state; the others draw afresh from here
+            rng = random.Random(config.seed + 1_000_003 * here.rank + payload["step"])
+            generator.manual_seed(config.seed + 1_000_003 * here.rank + payload["step"])
         step, losses, frozen_at = payload["step"], payload["losses"], payload["frozen_at"]
         if frozen_at is not None:
             vectors.requires_grad_(False)
         logger.info("resumed %s at step %d of %d", config.name, step, total)
 
     def checkpoint() -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or here.rank > 0:
             return
         _save_checkpoint(checkpoint_path, {
             "config": asdict(config), "step": step, "losses": losses, "frozen_at": frozen_at,
             "trainable": _trainable_state(vectors, text_params, unet_params),
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-            "python_rng": rng.getstate(), "torch_rng": generator.get_state(),
+            # the Python RNG as it was before the next batch was drawn ahead (see 4d)
+            "python_rng": rng_at_step, "torch_rng": generator.get_state(),
         })
 
     # 4. The loop
     base.unet.train()  # no dropout in SD; train() only matters for modules that check it
+    unet = unet_forward(base)
+    trainable = [vectors] + text_params + unet_params
     started, start_step = time.perf_counter(), step
-    while step < total:
-        if cancel is not None and cancel.is_set():
-            checkpoint()
-            raise Cancelled(f"training of {config.name} cancelled at step {step} of {total}")
-        # 4a. A batch: random photos, augmented, with captions from templates
-        pixels, loss_masks, prompts = [], [], []
-        for _ in range(config.batch_size):
-            index = rng.randrange(len(photos))
-            canvas, subject, pasted = resize_crop_paste(photos[index], masks[index] if masks else None, resolution, config.crop_probability, rng)
-            image_tensor, mask_tensor = to_tensors(canvas, subject if subject is not None else pasted, latent_size)
-            pixels.append(image_tensor)
-            loss_masks.append(mask_tensor)
-            prompts.append(caption(config.name, rng))
-        pixels = torch.stack(pixels).to(base.device, base.dtype)
-        loss_mask = torch.stack(loss_masks).to(base.device)
+    rng_at_step = rng.getstate()
+    batch = _make_batch(photos, masks, config, resolution, latent_size, rng) if step < total else None
+    with gradient_checkpointing(base, plan.gradient_checkpointing):
+        while step < total:
+            if cancel is not None and cancel.is_set():
+                checkpoint()
+                raise Cancelled(f"training of {config.name} cancelled at step {step} of {total}")
+            # 4a. The batch made ahead on the CPU
+            pixels, loss_mask, prompts = batch
+            pixels = pixels.to(base.device, base.dtype)
+            loss_mask = loss_mask.to(base.device)
 
-        # 4b. Diffusion loss
-        with torch.no_grad():
-            posterior = base.vae.encode(pixels).latent_dist
-            latents = posterior.sample(generator=generator).float() * base.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
-        noise = noise.to(base.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(base.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
-        prediction = base.unet(noisy.to(base.dtype), timesteps, encoder_hidden_states=context.to(base.dtype)).sample
-        loss = masked_mse(prediction, target, loss_mask)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rates")
+            # 4b. Diffusion loss
+            with torch.no_grad():
+                posterior = base.vae.encode(pixels).latent_dist
+                latents = posterior.sample(generator=generator).float() * base.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator)
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+            noise = noise.to(base.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(base.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
+            prediction = unet(noisy.to(base.dtype), timesteps, encoder_hidden_states=context.to(base.dtype)).sample
+            loss = masked_mse(prediction, target, loss_mask)
 
-        # 4c. Update
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        step += 1
-        losses.append(loss.item())
-        norm = embedding_norm(vectors)
-        if frozen_at is None and norm >= config.emb_norm_stop:
-            frozen_at = step  # Mix-of-Show: stop the embeddings, keep training the LoRA
-            vectors.requires_grad_(False)
-            vectors.grad = None
+            # 4c. Update (queued on the device; nothing here waits for it)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(trainable, here.size)
+            optimizer.step()
+            lr_schedule.step()
+            step += 1
 
-        # 4d. Report, preview, checkpoint
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-            checkpoint()
-        preview = None
-        if config.preview_every and step % config.preview_every == 0:
-            preview = _preview(base, config)
-        if callback is not None:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / (step - start_step) * (total - step)
-            callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
+            # 4d. While the device works, augment the next batch; then read loss and norm in one sync
+            rng_at_step = rng.getstate()
+            batch = _make_batch(photos, masks, config, resolution, latent_size, rng) if step < total else None
+            loss_value, norm = torch.stack([loss.detach(), mean_norm(vectors)]).tolist()
+            if not math.isfinite(loss_value):
+                raise UserError(f"training diverged at step {step - 1} (loss {loss_value}); lower the learning rates")
+            losses.append(loss_value)
+            if frozen_at is None and norm >= config.emb_norm_stop:
+                frozen_at = step  # Mix-of-Show: stop the embeddings, keep training the LoRA
+                vectors.requires_grad_(False)
+                vectors.grad = None
+
+            # 4e. Report, preview, checkpoint
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                checkpoint()
+            preview = None
+            if config.preview_every and step % config.preview_every == 0:
+                preview = _preview(base, config)
+            if callback is not None and here.rank == 0:
+                elapsed = time.perf_counter() - started
+                eta = elapsed / (step - start_step) * (total - step)
+                callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
 
     # 5. Wrap up: the concept's tensors and a preview sample
     base.unet.eval()

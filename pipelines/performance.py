@@ -1,0 +1,303 @@
+"""Speed and memory settings shared by training, fusion and sampling.
+
+A base model carries one `Performance` (`configure_performance`): a memory mode and an optional
+`torch.compile` mode for the UNet. Each job resolves the memory mode for itself
+(`memory_plan(base, job)`), because "auto" depends on the job and on the free GPU memory when the
+job starts:
+
+| mode    | gradient checkpointing | 8-bit AdamW (bitsandbytes) | VAE slicing | models offloaded to the CPU |
+| ------- | ---------------------- | -------------------------- | ----------- | --------------------------- |
+| high    | no                     | no                         | no          | no                          |
+| low     | yes                    | yes, if importable         | yes         | no                          |
+| lowest  | yes                    | yes, if importable         | yes         | yes, one model on the GPU at a time |
+
+Everything here keeps the numbers of the default path: "high" without compile is exactly the
+code path the tests pin down (same kernels, same order of random draws).
+
+Data parallel training (`accelerate launch`, torchrun) is also set up here: `world()` reads the
+launcher's environment, and `average_gradients` all-reduces the few trainable tensors (LoRA and
+embeddings), which is all DDP would do for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MEMORY_MODES = ("auto", "high", "low", "lowest")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+JOBS = ("train", "sample")
+GIB = 2**30
+
+# Free GPU memory (GiB) a job needs at full size (SD1.5, 512x512) for "high", and for "low";
+# below the second figure it runs "lowest". Measured peaks on an H100/H200 (bench/RESULTS.md):
+# training at batch 2 peaks near 5 GiB in high mode, sampling near 2.7 GiB; the margin covers
+# the CUDA context, the allocator's fragmentation and other programs on the card.
+NEEDS_GIB = {"train": (8.0, 4.0), "sample": (5.0, 3.0)}
+
+
+@dataclass(frozen=True)
+class Performance:
+    """How a base model runs: memory mode ("auto", "high", "low", "lowest") and UNet compile mode."""
+
+    memory: str = "auto"
+    compile: str = "off"  # one of COMPILE_MODES; "off" runs the UNet eagerly
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one job does to save memory (see the table in the module docstring)."""
+
+    mode: str  # the resolved mode: high, low or lowest
+    gradient_checkpointing: bool
+    adam_8bit: bool
+    vae_slicing: bool
+    cpu_offload: bool
+
+
+def check_performance(memory: str, compile: str) -> None:
+    """Validate the two settings (before any model loads)."""
+    if memory not in MEMORY_MODES:
+        raise UserError(f"--memory {memory!r} is not known; use one of {', '.join(MEMORY_MODES)}")
+    if compile not in COMPILE_MODES:
+        raise UserError(f"--compile {compile!r} is not known; use one of {', '.join(COMPILE_MODES)}")
+
+
+def choose_memory_mode(free_gib: float | None, job: str) -> str:
+    """The memory mode for `job` ("train" or "sample") given the free GPU memory in GiB.
+
+    `None` (no GPU, or a device that does not report it) gives "high": the CPU and Apple's unified
+    memory gain nothing from checkpointing or offloading here.
+    """
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+    if free_gib is None:
+        return "high"
+    high, low = NEEDS_GIB[job]
+    if free_gib >= high:
+        return "high"
+    if free_gib >= low:
+        return "low"
+    return "lowest"
+
+
+def free_gpu_gib(device: torch.device) -> float | None:
+    """Free memory on a CUDA device in GiB (what the driver reports), None for other devices."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / GIB
+
+
+def plan_for(mode: str) -> MemoryPlan:
+    """The MemoryPlan of a resolved mode (high, low or lowest)."""
+    if mode not in ("high", "low", "lowest"):
+        raise ValueError(f"a resolved memory mode is high, low or lowest, got {mode!r}")
+    saving = mode != "high"
+    return MemoryPlan(mode=mode, gradient_checkpointing=saving, adam_8bit=saving, vae_slicing=saving,
+                      cpu_offload=mode == "lowest")
+
+
+def memory_plan(base, job: str) -> MemoryPlan:
+    """Resolve `base.performance.memory` for `job` ("auto" looks at the free GPU memory now)."""
+    mode = base.performance.memory
+    if mode == "auto":
+        mode = choose_memory_mode(free_gpu_gib(base.device), job)
+    return plan_for(mode)
+
+
+def configure_performance(base, memory: str = "auto", compile: str = "off") -> Performance:
+    """Set how `base` runs from now on; the app and the CLI call this once after `load_base`.
+
+    Args:
+        memory: "auto" (default; chosen per job from free GPU memory), "high", "low" or "lowest".
+        compile: "off" (default), or a `torch.compile` mode for the UNet: "default",
+            "reduce-overhead" (also CUDA graphs: least per-step overhead, more memory) or
+            "max-autotune-no-cudagraphs". The first call of each new shape compiles (tens of seconds
+            at full size on a GPU); later calls are faster.
+    """
+    check_performance(memory, compile)
+    base.performance = Performance(memory=memory, compile=compile)
+    base.compiled_unet = None
+    return base.performance
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet, eager or compiled
+
+
+def unet_forward(base):
+    """The callable that runs the UNet: `base.unet` itself, or its compiled wrapper (made once).
+
+    The wrapper shares the module's parameters, so concepts applied, merged or fused into
+    `base.unet` reach the compiled UNet too (dynamo re-specialises when processors or adapters change).
+    """
+    mode = base.performance.compile
+    if mode == "off":
+        return base.unet
+    if base.compiled_unet is None:
+        import torch._dynamo
+
+        # Plain, regional and isolated sampling and training each specialise the graph (other
+        # processors, adapters, batch sizes, grad mode); the default limit of 8 would fall back to eager.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = {} if mode == "default" else {"mode": mode}
+        base.compiled_unet = torch.compile(base.unet, dynamic=False, **options)
+    return base.compiled_unet
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_adamw(groups: list[dict], device: torch.device, eight_bit: bool, betas=(0.9, 0.999), weight_decay: float = 0.01):
+    """AdamW over parameter groups: 8-bit (bitsandbytes) if asked and importable, else torch's.
+
+    On CUDA torch's fused kernel updates every tensor in a few launches (the LoRA has hundreds of
+    small tensors); elsewhere the default (foreach) implementation, so CPU runs keep their numbers.
+    """
+    if eight_bit and device.type == "cuda":
+        if bitsandbytes_available():
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay)
+        logger.warning("8-bit AdamW needs bitsandbytes (pip install bitsandbytes); using torch's AdamW")
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, **fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing and offloading
+
+
+@contextmanager
+def gradient_checkpointing(base, enabled: bool):
+    """Recompute UNet and text-encoder activations in the backward pass instead of storing them.
+
+    transformers checkpoints only in train mode, so the text encoder is put in train mode (CLIP has
+    no dropout: same outputs). Both are restored afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    text_was_training = base.text_encoder.training
+    base.unet.enable_gradient_checkpointing()
+    base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.text_encoder.train()
+    try:
+        yield
+    finally:
+        base.unet.disable_gradient_checkpointing()
+        base.text_encoder.gradient_checkpointing_disable()
+        base.text_encoder.train(text_was_training)
+
+
+@contextmanager
+def on_device(base, module: torch.nn.Module, plan: MemoryPlan):
+    """With CPU offload, bring `module` to the GPU for the block and send it back after."""
+    if not plan.cpu_offload or base.device.type != "cuda":
+        yield module
+        return
+    module.to(base.device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def offloaded(base, plan: MemoryPlan):
+    """With CPU offload, park the text encoder and VAE on the CPU for the block (they are moved in
+    by `on_device` when needed); restore everything to the device afterwards."""
+    if not plan.cpu_offload or base.device.type != "cuda":
+        yield
+        return
+    for module in (base.text_encoder, base.vae):
+        module.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for module in (base.text_encoder, base.vae):
+            module.to(base.device)
+
+
+@contextmanager
+def vae_slicing(base, enabled: bool):
+    """Decode (and encode) one image at a time: the VAE's activations at 512x512 are the peak."""
+    if not enabled:
+        yield
+        return
+    base.vae.enable_slicing()
+    try:
+        yield
+    finally:
+        base.vae.disable_slicing()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel training
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int  # this process, 0..size-1
+    size: int  # number of processes
+    local_rank: int  # GPU index on this host
+
+
+def world() -> World:
+    """This process's place in a launch by `accelerate launch` or torchrun (1 process otherwise)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def distributed_device(name: str | None) -> str | None:
+    """Under a multi-process launch, "cuda" (or no device) means this process's own GPU."""
+    here = world()
+    if here.size > 1 and torch.cuda.is_available() and (name is None or name == "cuda"):
+        return f"cuda:{here.local_rank}"
+    return name
+
+
+def init_distributed(device: torch.device) -> World:
+    """Join the process group of a multi-process launch (NCCL on GPUs, gloo on the CPU)."""
+    here = world()
+    if here.size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return here
+
+
+def average_gradients(params: list[torch.Tensor], size: int) -> None:
+    """Average the gradients of `params` over all processes (one all-reduce of one flat buffer)."""
+    if size <= 1:
+        return
+    with_grad = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    torch.distributed.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for p in with_grad:
+        count = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
+        offset += count
