@@ -841,7 +841,7 @@ def build_generate_tab(studio: Studio) -> dict:
                                  buttons=["download", "fullscreen"], elem_id="results")
             stages = gr.Gallery(label="Isolated: layout, detections with masks, final", columns=4, height=200, elem_id="stages")
             reuse_button = gr.Button("Reuse settings of the selected image", elem_id="reuse-button")
-    history = gr.Gallery(value=studio.history(), label="History (saved in the outputs folder)", columns=8, height=240,
+    history = gr.Gallery(value=studio.history(), label="History (saved in the outputs folder)", columns=8, height=240, fit_columns=False,
                          buttons=["download"], elem_id="history")
     selected_image = gr.State(None)
     result_paths = gr.State([])
