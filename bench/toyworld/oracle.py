@@ -1,0 +1,211 @@
+"""The oracle: says which class and which pet appears where in a toy-world image.
+
+A small fully-convolutional network labels every pixel with the class under it (background, dog,
+cat, bird) and the look of the animal it belongs to (body colour, pattern, pattern colour). It is
+trained on rendered scenes, half of them passed through the toy VAE so that it also reads the
+softer images the diffusion model makes. An animal's description is the vote of its pixels;
+a pet is identified when class, colour, pattern and pattern colour all match its look.
+
+Metrics built on it (`score_*`): presence, class accuracy, identity accuracy per pet, and
+bleeding (an animal that mixes the looks of two expected pets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from bench.toyworld.world import CLASSES, COLOUR_NAMES, PATTERNS, PETS, Look, Scene
+
+IGNORE = -1
+HEADS = {"class": 1 + len(CLASSES), "colour": len(COLOUR_NAMES), "pattern": len(PATTERNS), "pattern_colour": len(COLOUR_NAMES)}
+MIN_PIXELS = 12  # smaller blobs are speckle, not an animal
+
+
+def label_maps(scene: Scene, instance: np.ndarray) -> np.ndarray:
+    """Per-pixel targets `[4, H, W]` (class, colour, pattern, pattern colour); IGNORE where undefined."""
+    labels = np.full((4,) + instance.shape, IGNORE, np.int64)
+    labels[0] = 0
+    for index, animal in enumerate(scene.animals, start=1):
+        where = instance == index
+        look = animal.look
+        labels[0][where] = 1 + CLASSES.index(look.cls)
+        labels[1][where] = COLOUR_NAMES.index(look.colour)
+        labels[2][where] = PATTERNS.index(look.pattern)
+        if look.pattern_colour is not None:
+            labels[3][where] = COLOUR_NAMES.index(look.pattern_colour)
+    return labels
+
+
+def _block(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class OracleNet(nn.Module):
+    """A small U-Net: 64 -> 32 -> 16 (dilated, for an animal-sized view) -> back to 64."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(_block(3, w), _block(w, w))
+        self.enc2 = nn.Sequential(nn.MaxPool2d(2), _block(w, 2 * w), _block(2 * w, 2 * w))
+        self.enc3 = nn.Sequential(nn.MaxPool2d(2), _block(2 * w, 3 * w), _block(3 * w, 3 * w, 2), _block(3 * w, 3 * w, 4))
+        self.up2 = nn.Sequential(_block(3 * w + 2 * w, 2 * w), _block(2 * w, 2 * w))
+        self.up1 = nn.Sequential(_block(2 * w + w, w), _block(w, w))
+        self.head = nn.Conv2d(w, sum(HEADS.values()), 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images in [-1, 1], `[B, 3, H, W]` -> logits per head, `[B, C_head, H, W]`."""
+        e1 = self.enc1(images)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.up2(torch.cat([nn.functional.interpolate(e3, scale_factor=2.0), e2], 1))
+        d1 = self.up1(torch.cat([nn.functional.interpolate(d2, scale_factor=2.0), e1], 1))
+        return dict(zip(HEADS, self.head(d1).split(list(HEADS.values()), dim=1)))
+
+
+def oracle_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every head on its defined pixels; labels `[B, 4, H, W]`."""
+    losses = [nn.functional.cross_entropy(logits[name].float(), labels[:, i], ignore_index=IGNORE)
+              for i, name in enumerate(HEADS)]
+    return sum(losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images
+
+
+@dataclass
+class Found:
+    """One animal the oracle sees."""
+
+    look: Look
+    pixels: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    mask: np.ndarray  # bool [H, W]
+    confidence: float  # mean class probability over its pixels
+
+    @property
+    def pet(self) -> str | None:
+        """The pet it is, if its look is exactly one pet's."""
+        return next((pet.name for pet in PETS if pet.look == self.look), None)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images / uint8 arrays `[H, W, 3]` -> float `[B, 3, H, W]` in [-1, 1]."""
+    arrays = [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+class Oracle:
+    def __init__(self, net: OracleNet):
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, path) -> "Oracle":
+        net = OracleNet()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return cls(net.float())
+
+    @torch.no_grad()
+    def probabilities(self, images) -> dict[str, np.ndarray]:
+        logits = self.net(to_tensor(images))
+        return {name: value.softmax(1).numpy() for name, value in logits.items()}
+
+    def describe(self, images, boxes: list | None = None) -> list[list[Found]]:
+        """Per image, the animals seen: connected blobs of non-background pixels.
+
+        With `boxes` (per image, a list of (x0, y0, x1, y1)), the pixels of each box instead: one
+        `Found` per box (or None when the box holds fewer than MIN_PIXELS animal pixels).
+        """
+        probs = self.probabilities(images)
+        results = []
+        for b in range(len(probs["class"])):
+            p = {name: value[b] for name, value in probs.items()}
+            foreground = p["class"].argmax(0) > 0
+            if boxes is None:
+                blobs, count = ndimage.label(foreground)
+                regions = [blobs == i for i in range(1, count + 1)]
+            else:
+                regions = []
+                for x0, y0, x1, y1 in boxes[b]:
+                    inside = np.zeros_like(foreground)
+                    inside[int(y0):int(y1), int(x0):int(x1)] = True
+                    regions.append(inside & foreground)
+            found = [_read_region(p, region) for region in regions]
+            results.append(found if boxes is not None else [f for f in found if f is not None])
+        return results
+
+
+def _read_region(p: dict[str, np.ndarray], region: np.ndarray) -> Found | None:
+    pixels = int(region.sum())
+    if pixels < MIN_PIXELS:
+        return None
+    votes = {name: value[:, region].sum(1) for name, value in p.items()}
+    cls = CLASSES[int(votes["class"][1:].argmax())]
+    pattern = PATTERNS[int(votes["pattern"].argmax())]
+    colour = COLOUR_NAMES[int(votes["colour"].argmax())]
+    pattern_colour = None
+    if pattern != "plain":
+        ranked = np.argsort(-votes["pattern_colour"])
+        pattern_colour = COLOUR_NAMES[int(ranked[0] if COLOUR_NAMES[int(ranked[0])] != colour else ranked[1])]
+    ys, xs = np.nonzero(region)
+    confidence = float(p["class"][1:, region].max(0).mean())
+    return Found(Look(cls, colour, pattern, pattern_colour), pixels, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), region, confidence)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def attribute_match(found: Look, expected: Look) -> float:
+    """Share of the look's four attributes that match (class, colour, pattern, pattern colour)."""
+    return float(np.mean([found.cls == expected.cls, found.colour == expected.colour,
+                          found.pattern == expected.pattern, found.pattern_colour == expected.pattern_colour]))
+
+
+def is_hybrid(found: Look, looks: list[Look]) -> bool:
+    """True if `found` carries a trait that only pet A has and another trait that only pet B has.
+
+    A trait is (attribute, value); "only A has" means no other expected look shares that value.
+    That is bleeding: e.g. rex's body colour on bolt's stripes, or a dog shape in a cat's colours.
+    """
+    def traits(look: Look) -> set:
+        return {("cls", look.cls), ("colour", look.colour), ("pattern", (look.pattern, look.pattern_colour))}
+
+    found_traits = traits(found)
+    owners = []
+    for i, look in enumerate(looks):
+        others = set().union(*(traits(other) for j, other in enumerate(looks) if j != i)) if len(looks) > 1 else set()
+        own = traits(look) - others
+        if own & found_traits:
+            owners.append(i)
+    return len(owners) >= 2
+
+
+@dataclass
+class ImageScore:
+    present: list[bool]  # per expected look: an animal of its class is there
+    identified: list[bool]  # per expected look: an animal with exactly that look is there
+    bleeding: bool  # some animal mixes two expected looks
+
+
+def score_image(found: list[Found], expected: list[Look]) -> ImageScore:
+    """Image-level score against expected looks, matching animals to looks greedily by match."""
+    looks = [f.look for f in found]
+    present = [any(l.cls == e.cls for l in looks) for e in expected]
+    identified = [any(l == e for l in looks) for e in expected]
+    return ImageScore(present, identified, any(is_hybrid(l, expected) for l in looks) if len(expected) > 1 else False)
+
+
+def score_boxes(found: list[Found | None], expected: list[Look]) -> ImageScore:
+    """Box-level score: the animal read in box i must be look i (`found` from `describe(boxes=...)`)."""
+    present = [f is not None and f.look.cls == e.cls for f, e in zip(found, expected)]
+    identified = [f is not None and f.look == e for f, e in zip(found, expected)]
+    bleeding = any(f is not None and (is_hybrid(f.look, expected) or (f.look != e and f.look in expected))
+                   for f, e in zip(found, expected))
+    return ImageScore(present, identified, bleeding)
