@@ -197,15 +197,21 @@ def gradient_checkpointing(base, enabled: bool):
         yield
         return
     text_was_training = base.text_encoder.training
+    text = base.text_encoder
     base.unet.enable_gradient_checkpointing()
-    base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.text_encoder.train()
+    if hasattr(text, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old names warn there
+        text.activation_checkpointing_enable()
+        disable = text.activation_checkpointing_disable
+    else:
+        text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = text.gradient_checkpointing_disable
+    text.train()
     try:
         yield
     finally:
         base.unet.disable_gradient_checkpointing()
-        base.text_encoder.gradient_checkpointing_disable()
-        base.text_encoder.train(text_was_training)
+        disable()
+        text.train(text_was_training)
 
 
 @contextmanager
