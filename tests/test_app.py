@@ -168,6 +168,18 @@ def test_training_runs_in_the_queue_with_progress_previews_and_saves_the_concept
     assert len(gallery) == 2 and rows[0][0] == "<mochi>"
 
 
+def test_training_with_automatic_masks_uses_the_detector(studio, tmp_path, make_photo):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        make_photo(i).save(paths[-1])
+    state = studio.submit_training(paths, quick("automask", steps=1, preview_every=0), auto_mask=True)
+    done = studio.jobs.wait(state.id, timeout=120)
+    assert done.status == DONE, done.message
+    assert "automask" in studio.library.names()
+    studio.delete("automask")
+
+
 @pytest.mark.parametrize("photos, config, fragment", [
     ([], quick("rex"), "no photos given"),
     (None, quick("mochi"), "already exists"),
