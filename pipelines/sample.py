@@ -159,6 +159,7 @@ def sample_loaded(
 
 
 def _sample_loaded(base, config, callback, cancel, regions, width, height, plan) -> list[Image.Image]:
+    """`sample_loaded` once sizes are checked and the memory plan is in place."""
     from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
 
     check_regions(list(regions), width, height)

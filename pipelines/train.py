@@ -349,7 +349,8 @@ def train_concept(
     """Train one ED-LoRA concept on `photos`; the concept stays loaded in `base` under its name.
 
     Args:
-        base: the base model; frozen weights are used in its dtype.
+        base: the base model; frozen weights are used in its dtype, and its `performance` settings
+            (memory mode, compiled UNet; see `pipelines.performance`) apply.
         photos: RGB images of the subject (see `load_training_set`).
         config: TrainConfig; `steps=None` picks Mix-of-Show's default for the photo count.
         masks: optional subject masks, one per photo (white = subject) for the masked loss.
@@ -529,7 +530,7 @@ def train_concept(
         settings={**asdict(config), "resolution": resolution, "embeddings_frozen_at": frozen_at, "final_loss": losses[-1] if losses else None},
         is_test_model=base.is_test_model,
     )
-    if checkpoint_path is not None and checkpoint_path.exists():
+    if checkpoint_path is not None and checkpoint_path.exists() and here.rank == 0:
         checkpoint_path.unlink()
     return TrainResult(
         concept=concept,
