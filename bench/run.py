@@ -171,7 +171,13 @@ def run_train(bench: Bench, model_dir: Path, args) -> None:
     eager = time_training(bench, model_dir, batch_size=2, steps=steps)
     bench.record("train_eager_b2", eager)
     for batch_size in (2, 1):
-        row = time_training(bench, model_dir, batch_size=batch_size, steps=steps, compile=args.train_compile)
+        try:
+            row = time_training(bench, model_dir, batch_size=batch_size, steps=steps, compile=args.train_compile)
+        except Exception as error:  # a compiler failure is a result too; fall back to the eager figure
+            if args.train_compile == "off":
+                raise
+            bench.record(f"train_b{batch_size}_compile_error", f"{type(error).__name__}: {error}"[:2000])
+            row = eager if batch_size == 2 else time_training(bench, model_dir, batch_size=1, steps=steps)
         row["tflops"] = round(bench.results[f"train_flop_b{batch_size}"] / row["ms_median"] / 1e9, 1)
         bench.record(f"train_b{batch_size}", row)
         bench.record(f"train_step_ms_b{batch_size}", row["ms_median"])
@@ -221,8 +227,17 @@ def run_sample(bench: Bench, model_dir: Path, library, work: Path, args) -> None
         rows = {}
         for label, job in jobs.items():
             warm = time.perf_counter()
-            for _ in range(1 if mode == "off" else 2):  # compiles this shape; reduce-overhead records CUDA graphs on the 2nd
-                job(base, library)
+            try:
+                for _ in range(1 if mode == "off" else 2):  # compiles this shape; reduce-overhead records CUDA graphs on the 2nd
+                    job(base, library)
+            except Exception as error:  # a compiler failure is a result too; the eager figure stands
+                if mode == "off":
+                    raise
+                bench.record(f"sample_{mode}_{label}_error", f"{type(error).__name__}: {error}"[:2000])
+                rows[label] = bench.results[f"sample_off_{label}"]
+                bench.record(f"sample_{mode}_{label}", {**rows[label], "fell_back_to_eager": True})
+                configure_performance(base, memory="high", compile=mode)  # a fresh wrapper for the next layout
+                continue
             warm_s = time.perf_counter() - warm
             bench.reset_peak()
             seconds = bench.median_seconds(lambda: job(base, library))
