@@ -3,13 +3,14 @@
     # call 1: render scenes, train the VAE and the oracle, then the UNet + text encoder
     python -m bench.toyworld.train --out $OUT --minutes 8.5 --total-minutes 17
     # call 2: continue from the checkpoint call 1 wrote
-    python -m bench.toyworld.train --out $OUT --resume ckpt/checkpoint.pt --minutes 8.5 --total-minutes 17
+    python -m bench.toyworld.train --out $OUT --resume .toyck/checkpoint.pt --minutes 8.5 --total-minutes 17
 
-Each call writes `$OUT/checkpoint.pt` (fp32 EMA weights of everything, step counts), the model as a
-diffusers folder `$OUT/model` (fp16), `$OUT/oracle.pt`, `$OUT/samples.png` and `$OUT/log.json`.
-The learning rate follows a cosine over `--total-minutes` of UNet training summed over calls.
-A resumed run restarts AdamW and continues from the EMA weights (the checkpoint keeps only those,
-to fit what a call can carry).
+Each call keeps `.toyck/checkpoint.pt` (weights, EMA weights, AdamW state, step counts; a git-ignored
+folder, which the device machine keeps between calls while it stays warm) and `.toyck/model` (the
+EMA model as a diffusers folder, fp16), and writes `$OUT/model.tar` (that folder in one file),
+`$OUT/oracle.pt`, `$OUT/samples.png` and `$OUT/log.json`. The learning rate follows a cosine over
+`--total-minutes` of UNet training summed over calls. A checkpoint without AdamW state (the
+fallback when the machine was lost) continues from the EMA weights with a short warm-up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -146,20 +148,28 @@ def train_oracle(vae, device, steps: int, log: dict, scenes: int, batch: int = 2
 
 
 class EMA:
+    """Exponential moving average of a module's parameters, updated by one fused foreach call."""
+
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        self.params = list(module.parameters())
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.names = [name for name, _ in module.named_parameters()]
 
     @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - decay)
+        torch._foreach_lerp_(self.shadow, self.params, 1 - decay)
+
+    def state_dict(self, module: nn.Module) -> dict:
+        """The module's state dict with the averaged parameters in place of the trained ones."""
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        state.update(zip(self.names, self.shadow))
+        return state
 
 
 def train_denoiser(unet, text_encoder, latents, token_ids, state: dict, minutes: float, total_minutes: float,
-                   batch: int, log: dict) -> tuple[EMA, EMA]:
+                   batch: int, log: dict, compile_unet: bool = False, resume: dict | None = None) -> tuple[EMA, EMA, dict]:
     """Epsilon prediction on SD1.5's noise schedule; text encoder trained jointly; 10% empty captions."""
     from diffusers import DDPMScheduler
 
@@ -169,22 +179,32 @@ def train_denoiser(unet, text_encoder, latents, token_ids, state: dict, minutes:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     ema_unet, ema_text = EMA(unet, 0.9995), EMA(text_encoder, 0.9995)
+    if resume and "optimizer" in resume:  # a checkpoint kept on the same machine: the exact state
+        optimizer.load_state_dict(resume["optimizer"])
+        for ema, key in ((ema_unet, "unet"), (ema_text, "text_encoder")):
+            for shadow, name in zip(ema.shadow, ema.names):
+                shadow.copy_(resume[key][name])
     empty_ids = token_ids[0, 0].clone()
     empty_ids[1:] = text_encoder.config.eos_token_id  # "" -> <start> <end> <pad>...
     unet.train()
     text_encoder.train()
+    forward = unet
+    if compile_unet:
+        forward = torch.compile(unet)  # many small kernels at 16x16: fusing them is most of the speed
     n_images = token_ids.shape[0]
     start, step0 = time.time(), state["step"]
     seconds0 = state["seconds"]
-    warmup = 0.03 if step0 == 0 else 0.0
+    exact_resume = bool(resume and "optimizer" in resume)
     step = step0
     while time.time() - start < minutes * 60:
         progress = (seconds0 + time.time() - start) / (total_minutes * 60)
-        lr = cosine_lr(5e-4, progress, warmup) if step0 == 0 else cosine_lr(5e-4, progress, 0) * min(1, (step - step0) / 200)
+        lr = cosine_lr(5e-4, progress, 0.03)
+        if step0 > 0 and not exact_resume:  # fresh AdamW moments: warm up again
+            lr *= min(1, (step - step0) / 200)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(latents), (batch,), device=device)
-        x0 = latents[idx] * state["scaling_factor"]
+        x0 = (latents[idx] * state["scaling_factor"]).contiguous(memory_format=torch.channels_last)
         variant = torch.randint(0, token_ids.shape[1], (batch,), device=device)
         ids = token_ids[idx % n_images, variant]
         ids = torch.where((torch.rand(batch, device=device) < 0.1)[:, None], empty_ids, ids)
@@ -194,14 +214,21 @@ def train_denoiser(unet, text_encoder, latents, token_ids, state: dict, minutes:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cuda", dtype=torch.bfloat16):
             context = text_encoder(ids).last_hidden_state
-            pred = unet(xt, t, context).sample
+            try:
+                pred = forward(xt, t, context).sample
+            except Exception as error:  # a compiler failure must not cost the call: go on eagerly
+                if forward is unet:
+                    raise
+                print(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly", flush=True)
+                forward = unet
+                pred = forward(xt, t, context).sample
         loss = ((pred.float() - noise) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        ema_unet.update(unet, step)
-        ema_text.update(text_encoder, step)
+        ema_unet.update(step)
+        ema_text.update(step)
         if step % 1000 == 0:
             rate = (step - step0) / max(time.time() - start, 1e-9)
             print(f"unet step {step} loss {loss.item():.4f} lr {lr:.2e} ({time.time() - start:.0f} s, {rate:.1f} steps/s)", flush=True)
@@ -210,7 +237,7 @@ def train_denoiser(unet, text_encoder, latents, token_ids, state: dict, minutes:
     state["step"] = step
     log.setdefault("unet_calls", []).append({"steps": step - step0, "batch": batch, "seconds": round(time.time() - start, 1),
                                              "last_loss": round(loss.item(), 5)})
-    return ema_unet, ema_text
+    return ema_unet, ema_text, optimizer.state_dict()
 
 
 def tokenize(tokenizer, captions: list[list[str]]) -> torch.Tensor:
@@ -249,6 +276,8 @@ def main() -> None:
     parser.add_argument("--oracle-steps", type=int, default=3000)
     parser.add_argument("--oracle-scenes", type=int, default=30_000)
     parser.add_argument("--oracle-batch", type=int, default=256)
+    parser.add_argument("--checkpoint-dir", default=".toyck", help="where checkpoint.pt and the model folder go")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
     args = parser.parse_args()
     out = Path(args.out)
@@ -267,12 +296,14 @@ def main() -> None:
     state = {"step": 0, "seconds": 0.0, "scaling_factor": 1.0}
     if args.resume:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        unet.load_state_dict(checkpoint["unet"])
-        text_encoder.load_state_dict(checkpoint["text_encoder"])
+        unet.load_state_dict(checkpoint.get("raw_unet", checkpoint["unet"]))
+        text_encoder.load_state_dict(checkpoint.get("raw_text_encoder", checkpoint["text_encoder"]))
         vae.load_state_dict(checkpoint["vae"])
         state = checkpoint["state"]
         log = {**checkpoint["log"], **{k: log[k] for k in ("command", "device")}}
     unet, text_encoder, vae = unet.to(device), text_encoder.to(device), vae.to(device)
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
 
     images, captions, _ = render_dataset(args.scenes, seed=0)
     print(f"rendered {len(images)} scenes in {time.time() - started:.0f} s", flush=True)
@@ -290,21 +321,28 @@ def main() -> None:
     token_ids = tokenize(tokenizer, captions).to(device)
 
     minutes = min(args.minutes, args.call_minutes - (time.time() - started + 45) / 60)
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, latents, token_ids, state, minutes,
-                                        args.total_minutes, args.batch, log)
-    unet.load_state_dict(ema_unet.shadow)
-    text_encoder.load_state_dict(ema_text.shadow)
+    ema_unet, ema_text, optimizer_state = train_denoiser(unet, text_encoder, latents, token_ids, state, minutes,
+                                        args.total_minutes, args.batch, log, args.compile,
+                                                         checkpoint if args.resume else None)
+    raw = {"raw_unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
+           "raw_text_encoder": {k: v.detach().clone() for k, v in text_encoder.state_dict().items()},
+           "optimizer": optimizer_state}
+    unet.load_state_dict(ema_unet.state_dict(unet))
+    text_encoder.load_state_dict(ema_text.state_dict(text_encoder))
     unet.eval()
     text_encoder.eval()
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     log["state"] = state
     log["total_seconds_this_call"] = round(time.time() - started, 1)
+    keep = Path(args.checkpoint_dir)
+    keep.mkdir(parents=True, exist_ok=True)
     torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "vae": vae.state_dict(),
-                "state": state, "log": log}, out / "checkpoint.pt")
+                "state": state, "log": log, **raw}, keep / "checkpoint.pt")
     card = {"what": "toy-world text-to-image model, trained from scratch (bench/toyworld)", "unet_steps": state["step"],
             "unet_minutes": round(state["seconds"] / 60, 2), "batch": args.batch, "scenes": args.scenes, "log": log}
-    toy.save(out / "model", tokenizer, text_encoder.cpu(), unet.cpu(), vae.cpu(), card)
-    sample_grid(out / "model", out / "samples.png", device)
+    toy.save(keep / "model", tokenizer, text_encoder.cpu(), unet.cpu(), vae.cpu(), card)
+    shutil.make_archive(str(out / "model"), "tar", keep, "model")  # one file: what comes back from the device
+    sample_grid(keep / "model", out / "samples.png", device)
     (out / "log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))
 
