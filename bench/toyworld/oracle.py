@@ -1,10 +1,12 @@
 """The oracle: says which class and which pet appears where in a toy-world image.
 
-A small fully-convolutional network labels every pixel with the class under it (background, dog,
-cat, bird) and the look of the animal it belongs to (body colour, pattern, pattern colour). It is
-trained on rendered scenes, half of them passed through the toy VAE so that it also reads the
-softer images the diffusion model makes. An animal's description is the vote of its pixels;
-a pet is identified when class, colour, pattern and pattern colour all match its look.
+A small fully-convolutional network labels every pixel as background or animal, and with the look
+of the animal it belongs to (body colour, pattern, pattern colour). It is trained on rendered
+scenes, half of them passed through the toy VAE so that it also reads the softer images the
+diffusion model makes. An animal is a connected blob of animal pixels; its look is the vote of
+its pixels, and its class is read from its whole silhouette by `shape.ShapeNet` (a pixel of body
+looks the same on a dog and a cat). A pet is identified when class, colour, pattern and pattern
+colour all match its look.
 
 Metrics built on it (`score_*`): presence, class accuracy, identity accuracy per pet, and
 bleeding (an animal that mixes the looks of two expected pets).
@@ -19,6 +21,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from bench.toyworld.shape import ShapeNet, crop_animal
 from bench.toyworld.world import CLASSES, COLOUR_NAMES, PATTERNS, PETS, Look, Scene
 
 IGNORE = -1
@@ -87,7 +90,7 @@ class Found:
     pixels: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
     mask: np.ndarray  # bool [H, W]
-    confidence: float  # mean class probability over its pixels
+    confidence: float  # mean probability of "animal" over its pixels
 
     @property
     def pet(self) -> str | None:
@@ -102,14 +105,24 @@ def to_tensor(images) -> torch.Tensor:
 
 
 class Oracle:
-    def __init__(self, net: OracleNet):
+    def __init__(self, net: OracleNet, shape_net: ShapeNet):
         self.net = net.eval()
+        self.shape_net = shape_net.eval()
 
     @classmethod
-    def load(cls, path) -> "Oracle":
-        net = OracleNet()
+    def load(cls, path, shape_path) -> "Oracle":
+        net, shape_net = OracleNet(), ShapeNet()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return cls(net.float())
+        shape_net.load_state_dict(torch.load(shape_path, map_location="cpu", weights_only=True))
+        return cls(net.float(), shape_net.float())
+
+    @torch.no_grad()
+    def classify(self, image: np.ndarray, masks: list[np.ndarray]) -> list[str]:
+        """The class of each animal (bool mask) in `image` (uint8 `[H, W, 3]`), from its silhouette."""
+        if not masks:
+            return []
+        crops = torch.from_numpy(np.stack([crop_animal(image, mask) for mask in masks]))
+        return [CLASSES[i] for i in self.shape_net(crops).argmax(1).tolist()]
 
     @torch.no_grad()
     def probabilities(self, images) -> dict[str, np.ndarray]:
@@ -123,6 +136,7 @@ class Oracle:
         `Found` per box (or None when the box holds fewer than MIN_PIXELS animal pixels).
         """
         probs = self.probabilities(images)
+        arrays = [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in images]
         results = []
         for b in range(len(probs["class"])):
             p = {name: value[b] for name, value in probs.items()}
@@ -136,17 +150,16 @@ class Oracle:
                     inside = np.zeros_like(foreground)
                     inside[int(y0):int(y1), int(x0):int(x1)] = True
                     regions.append(inside & foreground)
-            found = [_read_region(p, region) for region in regions]
+            regions = [r if r.sum() >= MIN_PIXELS else None for r in regions]
+            classes = iter(self.classify(arrays[b], [r for r in regions if r is not None]))
+            found = [None if r is None else _read_region(p, r, next(classes)) for r in regions]
             results.append(found if boxes is not None else [f for f in found if f is not None])
         return results
 
 
-def _read_region(p: dict[str, np.ndarray], region: np.ndarray) -> Found | None:
+def _read_region(p: dict[str, np.ndarray], region: np.ndarray, cls: str) -> Found:
     pixels = int(region.sum())
-    if pixels < MIN_PIXELS:
-        return None
     votes = {name: value[:, region].sum(1) for name, value in p.items()}
-    cls = CLASSES[int(votes["class"][1:].argmax())]
     pattern = PATTERNS[int(votes["pattern"].argmax())]
     colour = COLOUR_NAMES[int(votes["colour"].argmax())]
     pattern_colour = None
@@ -154,7 +167,7 @@ def _read_region(p: dict[str, np.ndarray], region: np.ndarray) -> Found | None:
         ranked = np.argsort(-votes["pattern_colour"])
         pattern_colour = COLOUR_NAMES[int(ranked[0] if COLOUR_NAMES[int(ranked[0])] != colour else ranked[1])]
     ys, xs = np.nonzero(region)
-    confidence = float(p["class"][1:, region].max(0).mean())
+    confidence = float(p["class"][1:, region].sum(0).mean())
     return Found(Look(cls, colour, pattern, pattern_colour), pixels, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), region, confidence)
 
 
@@ -192,14 +205,17 @@ class ImageScore:
     present: list[bool]  # per expected look: an animal of its class is there
     identified: list[bool]  # per expected look: an animal with exactly that look is there
     bleeding: bool  # some animal mixes two expected looks
+    match: list[float]  # per expected look: best `attribute_match` of an animal there (0 if none)
 
 
 def score_image(found: list[Found], expected: list[Look]) -> ImageScore:
-    """Image-level score against expected looks, matching animals to looks greedily by match."""
+    """Image-level score against expected looks: is each look there, anywhere in the image."""
     looks = [f.look for f in found]
     present = [any(l.cls == e.cls for l in looks) for e in expected]
     identified = [any(l == e for l in looks) for e in expected]
-    return ImageScore(present, identified, any(is_hybrid(l, expected) for l in looks) if len(expected) > 1 else False)
+    match = [max((attribute_match(l, e) for l in looks), default=0.0) for e in expected]
+    bleeding = any(is_hybrid(l, expected) for l in looks) if len(expected) > 1 else False
+    return ImageScore(present, identified, bleeding, match)
 
 
 def score_boxes(found: list[Found | None], expected: list[Look]) -> ImageScore:
@@ -208,4 +224,5 @@ def score_boxes(found: list[Found | None], expected: list[Look]) -> ImageScore:
     identified = [f is not None and f.look == e for f, e in zip(found, expected)]
     bleeding = any(f is not None and (is_hybrid(f.look, expected) or (f.look != e and f.look in expected))
                    for f, e in zip(found, expected))
-    return ImageScore(present, identified, bleeding)
+    match = [attribute_match(f.look, e) if f is not None else 0.0 for f, e in zip(found, expected)]
+    return ImageScore(present, identified, bleeding, match)
