@@ -222,6 +222,13 @@ def _row_lora_hook(down: torch.Tensor, up: torch.Tensor):
 # Entry point
 
 
+def mask_key(subjects: list, index: int) -> str:
+    """The subject's label, numbered when several subjects share it ("dog", "dog-2")."""
+    label = subjects[index].label
+    count = sum(s.label == label for s in subjects[: index + 1])
+    return label if count == 1 else f"{label}-{count}"
+
+
 def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, int]:
     from .sample import check_size
 
@@ -235,8 +242,11 @@ def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, i
     if config.steps < 2 or config.steps > 1000:
         raise UserError(f"--steps {config.steps} must be between 2 and 1000")
     labels = [s.label for s in config.subjects]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"two subjects share a label ({', '.join(labels)}); give each subject its own word")
+    shared = {label for label in labels if labels.count(label) > 1}  # two dogs: the detector finds both
+    for attachment in config.attachments:
+        if "=" in attachment and attachment.split("=", 1)[0].strip() in shared:
+            raise UserError(f"attachment {attachment!r} names {attachment.split('=', 1)[0].strip()!r}, which several"
+                            f" subjects share; put it in that subject's own prompt instead")
     for subject in config.subjects:
         if not word_in_prompt(subject.label, config.prompt):
             raise UserError(f"subject label {subject.label!r} does not appear in the prompt {config.prompt!r}; the"
@@ -274,12 +284,12 @@ def isolate(
 
     # 1. Check inputs
     width, height = check_isolate_config(config, base)
-    subject_concepts = {s.label: concepts_in(s.prompt) for s in config.subjects}
-    for label, names in subject_concepts.items():
+    subject_concepts = [concepts_in(s.prompt) for s in config.subjects]
+    for subject, names in zip(config.subjects, subject_concepts):
         if len(names) > 1 and fused is None:
-            raise UserError(f"subject {label!r} names several concepts ({', '.join(names)}); give each subject one, or use --fused")
+            raise UserError(f"subject {subject.label!r} names several concepts ({', '.join(names)}); give each subject one, or use --fused")
     background_concepts = concepts_in(config.prompt) + concepts_in(config.negative_prompt)
-    all_names = list(dict.fromkeys(background_concepts + [n for names in subject_concepts.values() for n in names]))
+    all_names = list(dict.fromkeys(background_concepts + [n for names in subject_concepts for n in names]))
     if fused is not None:
         fused_model = load_fused(base, fused)
         missing = [n for n in all_names if n not in fused_model.concepts]
@@ -350,11 +360,12 @@ def isolate(
     if base.is_test_model:
         metadata["note"] = TEST_MODEL_NOTE
     subjects: list[Subject] = []
+    subject_numbers = []  # index in config.subjects of each found subject
     detections = []
     if config.subjects:
-        found = detector(layout, [s.label for s in config.subjects])
+        found = detector(layout, list(dict.fromkeys(s.label for s in config.subjects)))
         used = set()
-        for subject in config.subjects:
+        for number, subject in enumerate(config.subjects):
             candidates = [i for i, d in enumerate(found) if d.label == subject.label and i not in used and d.mask is not None]
             if not candidates:
                 result.missing.append(subject.label)
@@ -362,6 +373,7 @@ def isolate(
             best = max(candidates, key=lambda i: found[i].score)
             used.add(best)
             subjects.append(subject)
+            subject_numbers.append(number)
             detections.append(found[best])
     result.detections = detections
     if config.subjects and not subjects:
@@ -375,7 +387,7 @@ def isolate(
     # 4. Branch latents at t_lay and masks at latent resolution
     factor = base.vae_scale_factor
     image_masks = disjoint_masks([d.mask for d in detections])
-    result.masks = {s.label: m for s, m in zip(subjects, image_masks)}
+    result.masks = {mask_key(subjects, i): m for i, m in enumerate(image_masks)}
     masks = latent_masks(image_masks, height // factor, width // factor).to(base.device) if subjects else None
     generator = torch.Generator("cpu").manual_seed(config.seed + 1)
     if subjects:
@@ -395,7 +407,7 @@ def isolate(
                 subject = subjects[index - 1]
                 prompts = [subject.prompt] + [a.split("=", 1)[1].strip() for a in config.attachments
                                               if "=" in a and a.split("=", 1)[0].strip() == subject.label]
-                names = subject_concepts[subject.label]
+                names = subject_concepts[subject_numbers[index - 1]]
                 adapter = names[0] if names and fused is None else BASE_ADAPTER
             set_active_adapters(base.text_encoder, [] if adapter == BASE_ADAPTER else [adapter])
             encoded = encode_layerwise(base.tokenizer, base.text_encoder, prompts)

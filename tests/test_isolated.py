@@ -256,7 +256,7 @@ def test_parse_subject():
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(subjects=(Subject("bird", "a bird"),)), "does not appear in the prompt"),
-    (dict(subjects=(Subject("dog", "a dog"), Subject("dog", "a puppy"))), "share a label"),
+    (dict(subjects=(Subject("dog", "a dog"), Subject("dog", "a puppy")), attachments=("dog=wearing a hat",)), "several subjects share"),
     (dict(subjects=(Subject("dog", "<mochi> dog"),), attachments=("cat=wearing a hat",)), "not a --subject"),
     (dict(subjects=(), attachments=("dog=wearing a hat",)), "not a --subject"),
     (dict(t_lay=0.0), "--t-lay"),
@@ -595,3 +595,22 @@ def test_cli_train_auto_mask_without_a_find_warns(capsys, tiny_dir, tmp_path, ph
 def test_cli_train_masks_and_auto_mask_exclusive(capsys, tmp_path, photos_dir):
     code = main(train_args(photos_dir, tmp_path / "library", "--auto-mask", "--masks", str(photos_dir)))
     one_line_error(capsys, code, "--masks", "--auto-mask")
+
+
+def test_two_subjects_of_one_class_each_get_their_own_detection_and_concept(fresh_base, library, monkeypatch):
+    """Two dogs: the detector is asked for "dog" once; each subject takes its own detection (best
+    score first) and its own concept's rows; masks are keyed "dog" and "dog-2"."""
+    base = fresh_base()
+    rows = spy(monkeypatch, "mixed_adapters")
+    detector = stand_in(("dog", 0, 32, 0.9), ("dog", 32, 64, 0.8))
+    subjects = (Subject("dog", "a photo of <mochi> dog"), Subject("dog", "a photo of <tama> dog"))
+    result = isolate(base, library, IsolateConfig(prompt="a dog and a dog on the grass", subjects=subjects, steps=4, seed=1),
+                     detector=detector)
+    assert detector.calls[0][1] == ["dog"]
+    assert [args[1] for args in rows] == [[BASE_ADAPTER] * 2 + ["mochi"] * 2 + ["tama"] * 2]
+    assert sorted(result.masks) == ["dog", "dog-2"]
+    assert result.masks["dog"][:, :32].all() and not result.masks["dog"][:, 32:].any()
+    assert result.masks["dog-2"][:, 32:].all() and not result.masks["dog-2"][:, :32].any()
+    background, first, second = result.latents
+    assert torch.allclose(background[:, :, :4], first[:, :, :4], rtol=0, atol=1e-6)
+    assert torch.allclose(background[:, :, 4:], second[:, :, 4:], rtol=0, atol=1e-6)
