@@ -116,7 +116,8 @@ def side_by_side_boxes(count: int) -> list[tuple[int, int, int, int]]:
 
 
 def pet_prompt(pets: list[str], background: str = "on the grass", as_concepts: bool = True) -> str:
-    names = [f"a <{p}>" if as_concepts else f"a {PETS_BY_NAME[p].look.cls}" for p in pets]
+    """E.g. "a <rex> dog and a <mimi> cat on the grass" (the class words are what the detector seeks)."""
+    names = [f"a <{p}> {PETS_BY_NAME[p].look.cls}" if as_concepts else f"a {PETS_BY_NAME[p].look.cls}" for p in pets]
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{joined} {background}"
 
@@ -133,7 +134,7 @@ def regional_run(base, library, oracle, pets: list[str], fused, count: int, seed
 
     looks = [PETS_BY_NAME[p].look for p in pets]
     boxes = side_by_side_boxes(len(pets))
-    regions = [Region(box, f"a <{p}>") for box, p in zip(boxes, pets)]
+    regions = [Region(box, f"a <{p}> {PETS_BY_NAME[p].look.cls}") for box, p in zip(boxes, pets)]
     images = sample(base, library, pet_prompt(pets, as_concepts=False), count, seed, regions=regions, fused=fused)
     return box_rates(oracle, images, looks, boxes)
 
@@ -143,7 +144,7 @@ def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed
     from pipelines.isolated import IsolateConfig, Subject, isolate
 
     looks = [PETS_BY_NAME[p].look for p in pets]
-    subjects = tuple(Subject(PETS_BY_NAME[p].look.cls, f"a <{p}>") for p in pets)
+    subjects = tuple(Subject(PETS_BY_NAME[p].look.cls, f"a <{p}> {PETS_BY_NAME[p].look.cls}") for p in pets)
     detector = oracle_detector(oracle)
     images = []
     for i in range(count):
@@ -164,8 +165,11 @@ def identity_rate(base, library, oracle, prompt: str, look: Look, count: int, fu
     return {"identity": round(r.identity, 3), "match": round(r.match, 3)}
 
 
-def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS) -> dict:
-    """Every measurement of the docs table, through the product's functions."""
+def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS, save=None, library_dir=None) -> dict:
+    """Every measurement of the docs table, through the product's functions.
+
+    `save(results)` is called after each part, so a run cut short keeps what it measured.
+    """
     import tempfile
 
     from pipelines.concept import ConceptLibrary
@@ -178,10 +182,14 @@ def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS) 
     for cls, background in (("dog", "on the grass"), ("cat", "on the beach"), ("bird", "in the snow")):
         images = sample(base, None, f"a {cls} {background}", samples)
         results["base"][cls] = image_rates(oracle, images, [Look(cls, "?")]).presence
-    library = ConceptLibrary(tempfile.mkdtemp(prefix="toyworld-library-"))
+    library = ConceptLibrary(library_dir or tempfile.mkdtemp(prefix="toyworld-library-"))
+    results["library"] = str(library.root)
     for pet in pets:
+        if pet in library.names():  # trained by an earlier run into the same --library
+            continue
         train_pet(base, library, pet, steps)
         base, _ = load_world()  # training leaves adapters loaded: start each measurement clean
+    save and save(results)
     results["single"] = {}
     for pet in pets:
         look = PETS_BY_NAME[pet].look
@@ -189,6 +197,7 @@ def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS) 
             "concept": identity_rate(base, library, oracle, f"a <{pet}> on the beach", look, samples),
             "class_word": identity_rate(base, library, oracle, f"a {look.cls} on the beach", look, samples),
         }
+    save and save(results)
     results["fused"] = {}
     results["multi"] = {}
     for group in (pets[:2], (pets[0], pets[2]), pets):
@@ -203,6 +212,7 @@ def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS) 
                 runs = multi_pet_runs(base, library, oracle, list(group), fused, samples)
                 results["multi"][key] = {name: r.as_dict() for name, r in runs.items()}
         print(f"{key}: {json.dumps(results['fused'][key])} ({time.time() - started:.0f} s)", flush=True)
+        save and save(results)
     results["seconds"] = round(time.time() - started, 1)
     return results
 
@@ -246,9 +256,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="docs/toyworld_results.json")
     parser.add_argument("--samples", type=int, default=16, help="images per measurement")
+    parser.add_argument("--library", help="concept library to train the pets into (pets already there are reused)")
     args = parser.parse_args()
-    results = run_all(args.samples)
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    def save(results):
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+    results = run_all(args.samples, save=save, library_dir=args.library)
+    save(results)
     print(markdown_table(results))
 
 
