@@ -1,6 +1,6 @@
 """Measure, with the oracle, whether each method works in the toy world.
 
-    python -m bench.toyworld.evaluate --out docs/toyworld.md        # the docs table (CPU, ~10 min)
+    python -m bench.toyworld.evaluate --samples 8    # the docs table (CPU, about 30 min; prints markdown)
 
 Every measurement goes through the product's own functions (`train_concept`, `fuse_concepts`,
 `generate` with and without regions, `isolate`); the toy model is loaded by the normal loader.

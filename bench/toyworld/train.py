@@ -1,16 +1,17 @@
 """Train the toy world's model from scratch on one GPU, across calls of at most ~10 minutes.
 
     # call 1: render scenes, train the VAE and the oracle, then the UNet + text encoder
-    python -m bench.toyworld.train --out $OUT --minutes 8.5 --total-minutes 17
-    # call 2: continue from the checkpoint call 1 wrote
-    python -m bench.toyworld.train --out $OUT --resume .toyck/checkpoint.pt --minutes 8.5 --total-minutes 17
+    python -m bench.toyworld.train --out $OUT --compile --minutes 9 --total-minutes 14 --call-minutes 9.5
+    # call 2, on the same warm machine: continue from the checkpoint call 1 kept in /tmp
+    python -m bench.toyworld.train --out $OUT --compile --resume /tmp/toyck/checkpoint.pt --minutes 9 --total-minutes 14 --call-minutes 8.2
 
-Each call keeps `.toyck/checkpoint.pt` (weights, EMA weights, AdamW state, step counts; a git-ignored
-folder, which the device machine keeps between calls while it stays warm) and `.toyck/model` (the
-EMA model as a diffusers folder, fp16), and writes `$OUT/model.tar` (that folder in one file),
-`$OUT/oracle.pt`, `$OUT/samples.png` and `$OUT/log.json`. The learning rate follows a cosine over
-`--total-minutes` of UNet training summed over calls. A checkpoint without AdamW state (the
-fallback when the machine was lost) continues from the EMA weights with a short warm-up.
+Each call keeps `--checkpoint-dir` (default /tmp/toyck: the device copies the repository afresh
+for every call, but its /tmp survives while the machine stays warm) with `checkpoint.pt`
+(weights, EMA weights, AdamW state, step counts) and `model` (the EMA model as a diffusers
+folder, fp16). It writes `$OUT/model.tar` (that folder in one file; split it to bring it back),
+`$OUT/oracle.pt` (first call), `$OUT/samples.png` and `$OUT/log.json`. The learning rate follows
+a cosine over `--total-minutes` of UNet training summed over calls. A checkpoint without AdamW
+state continues from the EMA weights with a short warm-up.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 
 from bench.toyworld import model as toy
 from bench.toyworld.oracle import OracleNet, label_maps, oracle_loss
-from bench.toyworld.world import SIZE, caption, random_scene, render
+from bench.toyworld.world import caption, random_scene, render
 
 CAPTIONS_PER_SCENE = 4  # training-time caption variants (words dropped at random)
 EVAL_PROMPTS = [
@@ -276,7 +277,7 @@ def main() -> None:
     parser.add_argument("--oracle-steps", type=int, default=3000)
     parser.add_argument("--oracle-scenes", type=int, default=30_000)
     parser.add_argument("--oracle-batch", type=int, default=256)
-    parser.add_argument("--checkpoint-dir", default=".toyck", help="where checkpoint.pt and the model folder go")
+    parser.add_argument("--checkpoint-dir", default="/tmp/toyck", help="where checkpoint.pt and the model folder go")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
     args = parser.parse_args()
