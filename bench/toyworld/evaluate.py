@@ -1,6 +1,6 @@
 """Measure, with the oracle, whether each method works in the toy world.
 
-    python -m bench.toyworld.evaluate --samples 8    # the docs table (CPU, about 30 min; prints markdown)
+    python -m bench.toyworld.evaluate --library L --images I   # the docs tables (GPU: minutes; prints markdown)
 
 Every measurement goes through the product's own functions (`train_concept`, `fuse_concepts`,
 `generate` with and without regions, `isolate`); the toy model is loaded by the normal loader.
@@ -55,10 +55,10 @@ def train_pet(base, library, pet: str, steps: int = PET_STEPS, seed: int = 0, ph
     return result
 
 
-def sample(base, library, prompt: str, count: int, seed: int = 0, regions=(), fused=None) -> list[Image.Image]:
+def sample(base, library, prompt: str, count: int, seed: int = 0, regions=(), fused=None, **options) -> list[Image.Image]:
     from pipelines.sample import SampleConfig, generate
 
-    config = SampleConfig(prompt=prompt, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed, num_images=count)
+    config = SampleConfig(prompt=prompt, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed, num_images=count, **options)
     return generate(base, library, config, regions=regions, fused=fused).images
 
 
@@ -82,19 +82,28 @@ class Rates:
     match: float  # mean over pairs of the best share of the look's 4 attributes an animal there has
     all_identified: float  # share of images with every expected look there
     bleeding: float  # share of images with an animal mixing two expected looks
+    marked: float  # share of (image, expected pet) pairs with an animal of its class and its belly
+    placed: float  # boxes only: share of boxes showing more of their own pet's traits than of another's
     count: int
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+    def short(self) -> dict:
+        """What the single-pet tables show: identity, attribute match, belly."""
+        return {"identity": round(self.identity, 3), "match": round(self.match, 3), "belly": round(self.marked, 3)}
 
 
 def rates(scores) -> Rates:
     present = [p for s in scores for p in s.present]
     identified = [p for s in scores for p in s.identified]
     match = [m for s in scores for m in s.match]
+    marked = [m for s in scores for m in s.marked]
+    placed = [p for s in scores for p in (s.placed or [])]
     return Rates(float(np.mean(present)), float(np.mean(identified)), float(np.mean(match)),
                  float(np.mean([all(s.identified) for s in scores])),
-                 float(np.mean([s.bleeding for s in scores])), len(scores))
+                 float(np.mean([s.bleeding for s in scores])), float(np.mean(marked)) if marked else float("nan"),
+                 float(np.mean(placed)) if placed else float("nan"), len(scores))
 
 
 def image_rates(oracle: Oracle, images, looks: list[Look]) -> Rates:
@@ -122,13 +131,15 @@ def pet_prompt(pets: list[str], background: str = "on the grass", as_concepts: b
     return f"{joined} {background}"
 
 
-def plain_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0) -> Rates:
+def plain_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0, keep=None) -> Rates:
     """All pets in one plain prompt, scored image-wide."""
     looks = [PETS_BY_NAME[p].look for p in pets]
-    return image_rates(oracle, sample(base, library, pet_prompt(pets), count, seed, fused=fused), looks)
+    images = sample(base, library, pet_prompt(pets), count, seed, fused=fused)
+    keep is not None and keep.append(images)
+    return image_rates(oracle, images, looks)
 
 
-def regional_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0) -> Rates:
+def regional_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0, keep=None) -> Rates:
     """One box per pet side by side, each with its pet's prompt; scored box by box."""
     from pipelines.regional import Region
 
@@ -136,10 +147,11 @@ def regional_run(base, library, oracle, pets: list[str], fused, count: int, seed
     boxes = side_by_side_boxes(len(pets))
     regions = [Region(box, f"a <{p}> {PETS_BY_NAME[p].look.cls}") for box, p in zip(boxes, pets)]
     images = sample(base, library, pet_prompt(pets, as_concepts=False), count, seed, regions=regions, fused=fused)
+    keep is not None and keep.append(images)
     return box_rates(oracle, images, looks, boxes)
 
 
-def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0) -> Rates:
+def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0, keep=None) -> Rates:
     """Isolated Diffusion of the plain prompt, the oracle as detector; scored image-wide."""
     from pipelines.isolated import IsolateConfig, Subject, isolate
 
@@ -150,6 +162,7 @@ def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed
     for i in range(count):
         config = IsolateConfig(prompt=pet_prompt(pets), subjects=subjects, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed + i)
         images.append(isolate(base, library, config, detector=detector, fused=fused).final)
+    keep is not None and keep.append(images)
     return image_rates(oracle, images, looks)
 
 
@@ -159,57 +172,93 @@ def multi_pet_runs(base, library, oracle, pets: list[str], fused, count: int, se
             for name, run in (("plain", plain_run), ("regional", regional_run), ("isolated", isolated_run))}
 
 
-def identity_rate(base, library, oracle, prompt: str, look: Look, count: int, fused=None) -> dict:
-    """Exact identity rate and mean attribute match of `look` in images of `prompt`."""
-    r = image_rates(oracle, sample(base, library, prompt, count, fused=fused), [look])
-    return {"identity": round(r.identity, 3), "match": round(r.match, 3)}
+def identity_rate(base, library, oracle, prompt: str, look: Look, count: int, fused=None, keep=None, **options) -> dict:
+    """Identity, attribute match and belly rate of `look` in images of `prompt`."""
+    images = sample(base, library, prompt, count, fused=fused, **options)
+    keep is not None and keep.append(images)
+    return image_rates(oracle, images, [look]).short()
 
 
-def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS, save=None, library_dir=None) -> dict:
+PETS = ("rex", "bolt", "mimi", "luna", "kiwi")
+FUSION_GROUPS = (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"), PETS)
+MULTI_GROUPS = (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"))
+
+
+def run_all(samples: int, device: str = "cpu", steps: int = PET_STEPS, save=None, library_dir=None, images=None) -> dict:
     """Every measurement of the docs table, through the product's functions.
 
-    `save(results)` is called after each part, so a run cut short keeps what it measured.
+    `save(results)` is called after each part, so a run cut short keeps what it measured;
+    `images[cell]` receives each cell's images (uint8 `[N, 64, 64, 3]`) when given.
     """
     import tempfile
 
+    from bench.toyworld.faults import planted
     from pipelines.concept import ConceptLibrary
     from pipelines.fusion import FusionConfig, fuse_concepts
 
-    results: dict = {"samples": samples, "pet_steps": steps, "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE}
+    def fresh():  # sampling after training or fusion starts from the plain toy model
+        return load_base(str(MODEL_DIR), device=device, dtype="fp32")
+
+    def kept(cell: str) -> list:
+        shelf: list = []
+        if images is not None:
+            images[cell] = shelf
+        return shelf
+
+    results: dict = {"samples": samples, "pet_steps": steps, "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE,
+                     "device": device}
     started = time.time()
-    base, oracle = load_world()
+    base, oracle = load_world(device)
     results["base"] = {}
     for cls, background in (("dog", "on the grass"), ("cat", "on the beach"), ("bird", "in the snow")):
-        images = sample(base, None, f"a {cls} {background}", samples)
-        results["base"][cls] = image_rates(oracle, images, [Look(cls, "?")]).presence
+        results["base"][cls] = image_rates(oracle, sample(base, None, f"a {cls} {background}", samples), [Look(cls, "?")]).presence
     library = ConceptLibrary(library_dir or tempfile.mkdtemp(prefix="toyworld-library-"))
     results["library"] = str(library.root)
-    for pet in pets:
-        if pet in library.names():  # trained by an earlier run into the same --library
-            continue
-        train_pet(base, library, pet, steps)
-        base, _ = load_world()  # training leaves adapters loaded: start each measurement clean
+    for pet in PETS:
+        if pet not in library.names():  # trained by an earlier run into the same --library
+            train_pet(fresh(), library, pet, steps)
+    results["train_seconds"] = round(time.time() - started, 1)
     save and save(results)
+
+    base = fresh()
     results["single"] = {}
-    for pet in pets:
+    for pet in PETS:
         look = PETS_BY_NAME[pet].look
+        prompt = f"a <{pet}> on the beach"
         results["single"][pet] = {
-            "concept": identity_rate(base, library, oracle, f"a <{pet}> on the beach", look, samples),
-            "class_word": identity_rate(base, library, oracle, f"a {look.cls} on the beach", look, samples),
+            "class_word": identity_rate(base, library, oracle, f"a {look.cls} on the beach", look, samples, keep=kept(f"{pet}/class_word")),
+            "embedding_only": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/embedding_only"), lora_scale=0.0),
+            "concept": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/concept")),
+            # a fused model applies every LoRA at full strength; one concept samples at 0.7 by default
+            "concept_full": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/concept_full"),
+                                          lora_scale=1.0),
         }
+        with planted("same-layer"):  # a concept trained right, sampled with every layer fed copy 0
+            results.setdefault("faults", {}).setdefault("same-layer", {})[pet] = identity_rate(
+                base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/same_layer"))
+    print(f"single: {json.dumps(results['single'])} ({time.time() - started:.0f} s)", flush=True)
     save and save(results)
-    results["fused"] = {}
-    results["multi"] = {}
-    for group in (pets[:2], (pets[0], pets[2]), pets):
+
+    results["fused"], results["multi"] = {}, {}
+    for group in FUSION_GROUPS:
         key = "+".join(group)
-        for method in ("gradient", "weight"):
-            base, _ = load_world()
-            fused = fuse_concepts(base, library, list(group), FusionConfig(method=method)).folder
+        configs = {"gradient": FusionConfig(), "weight": FusionConfig(method="weight")}
+        if group == PETS:  # the exact solve, without the product's eigenvalue cutoff (pipelines/fusion.py)
+            configs["gradient_rcond_1e-6"] = FusionConfig(rcond=1e-6)
+        for method, config in configs.items():
+            base = fresh()
+            fused = fuse_concepts(base, library, list(group), config).folder
             results["fused"].setdefault(key, {})[method] = {
-                pet: identity_rate(base, library, oracle, f"a <{pet}> on the beach", PETS_BY_NAME[pet].look, samples, fused)
+                pet: identity_rate(base, library, oracle, f"a <{pet}> on the beach", PETS_BY_NAME[pet].look, samples, fused,
+                                   keep=kept(f"{key}/{method}/{pet}"))
                 for pet in group}
-            if method == "gradient":
-                runs = multi_pet_runs(base, library, oracle, list(group), fused, samples)
+            if method == "gradient" and group in MULTI_GROUPS:
+                runs = {}
+                for name, run in (("plain", plain_run), ("regional", regional_run), ("isolated", isolated_run)):
+                    runs[name] = run(base, library, oracle, list(group), fused, samples, keep=kept(f"{key}/{name}"))
+                with planted("no-regions"):
+                    runs["regional_no_regions"] = regional_run(base, library, oracle, list(group), fused, samples,
+                                                               keep=kept(f"{key}/regional_no_regions"))
                 results["multi"][key] = {name: r.as_dict() for name, r in runs.items()}
         print(f"{key}: {json.dumps(results['fused'][key])} ({time.time() - started:.0f} s)", flush=True)
         save and save(results)
@@ -217,51 +266,120 @@ def run_all(samples: int, pets=("rex", "bolt", "mimi"), steps: int = PET_STEPS, 
     return results
 
 
-def markdown_table(results: dict) -> str:
-    """The docs table, in the style of Mix-of-Show's Table 2a, plus bleeding rates."""
-    n = results["samples"]
-    def cell(d: dict) -> str:
-        return f"{d['identity']:.2f} / {d['match']:.2f}"
+def _cell(d: dict) -> str:
+    return f"{d['identity']:.2f} / {d['match']:.2f} / {d['belly']:.2f}"
 
-    lines = [f"Each cell: exact identity (share of {n} images in which the oracle finds the pet's exact look) /"
-             " attribute match (mean share of the look's 4 attributes: class, colour, pattern, pattern colour).", "",
-             "| pet | class word only | single ED-LoRA | fused: weight averaging | fused: gradient fusion |",
-             "| --- | --- | --- | --- | --- |"]
-    pets = list(results["single"])
-    pair = "+".join(pets[:2])
-    for pet in pets:
-        group = pair if pet in pets[:2] else f"{pets[0]}+{pet}"
-        fused = results["fused"][group]
-        lines.append(f"| <{pet}> ({group}) | {cell(results['single'][pet]['class_word'])} | {cell(results['single'][pet]['concept'])} |"
-                     f" {cell(fused['weight'][pet])} | {cell(fused['gradient'][pet])} |")
-    key3 = "+".join(pets)
-    lines += ["", f"Three pets fused ({key3}), identity of each:", "",
-              "| pet | weight averaging | gradient fusion |", "| --- | --- | --- |"]
-    for pet in pets:
-        lines.append(f"| <{pet}> | {cell(results['fused'][key3]['weight'][pet])} | {cell(results['fused'][key3]['gradient'][pet])} |")
-    lines += ["", f"Several pets in one image (gradient-fused model, {n} images per cell): every pet identified /"
-              " attribute match / bleeding (an animal mixing two pets' looks).", "",
-              "| pets | plain prompt | regional (one box per pet) | isolated (oracle as detector) |",
-              "| --- | --- | --- | --- |"]
+
+def markdown_table(results: dict) -> str:
+    """The docs tables: Mix-of-Show's Table 2a in the toy world, plus bleeding rates and faults."""
+    n = results["samples"]
+    lines = [f"Each cell: exact identity / attribute match / belly, over {n} images of \"a <pet> on the beach\"."
+             " Identity: the oracle finds the pet's exact look, belly included. Match: mean share of the look's 5"
+             " attributes (class, colour, pattern, pattern colour, belly). Belly: an animal of the pet's class with its"
+             " belly, the trait no word names.", "",
+             "| pet | class word only | embedding only (LoRA off) | single ED-LoRA (LoRA scale 0.7) | single, scale 1.0 |"
+             " same-layer fault (0.7) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for pet, cells in results["single"].items():
+        full = _cell(cells["concept_full"]) if "concept_full" in cells else "-"
+        lines.append(f"| <{pet}> | {_cell(cells['class_word'])} | {_cell(cells['embedding_only'])} | {_cell(cells['concept'])} |"
+                     f" {full} | {_cell(results['faults']['same-layer'][pet])} |")
+    lines += ["", "Fused models (same cells; single ED-LoRA repeated for reference):", "",
+              "| fused pets | pet | single ED-LoRA | weight averaging | gradient fusion |", "| --- | --- | --- | --- | --- |"]
+    for key, methods in results["fused"].items():
+        for pet in methods["gradient"]:
+            lines.append(f"| {key} | <{pet}> | {_cell(results['single'][pet]['concept'])} | {_cell(methods['weight'][pet])} |"
+                         f" {_cell(methods['gradient'][pet])} |")
+    lines += ["", "Mean over the pets of each group, identity / match / belly:", "",
+              "| fused pets | single ED-LoRA | weight averaging | gradient fusion |", "| --- | --- | --- | --- |"]
+    for key, methods in results["fused"].items():
+        pets = list(methods["gradient"])
+        def mean(cells):
+            return {k: float(np.mean([c[k] for c in cells])) for k in ("identity", "match", "belly")}
+        lines.append(f"| {key} | {_cell(mean([results['single'][p]['concept'] for p in pets]))} |"
+                     f" {_cell(mean([methods['weight'][p] for p in pets]))} | {_cell(mean([methods['gradient'][p] for p in pets]))} |")
+    exact = results["fused"].get("+".join(PETS), {}).get("gradient_rcond_1e-6")
+    if exact:
+        lines += ["", "All five pets fused by the exact solve (eigenvalue cutoff 1e-6 instead of the product's 1e-3), mean: "
+                  + _cell({k: float(np.mean([c[k] for c in exact.values()])) for k in ("identity", "match", "belly")})]
+    lines += ["", f"Several pets in one image (gradient-fused model, {n} images per cell): attribute match / belly /"
+              " bleeding (an animal mixing two pets' own traits). Plain and isolated are read image-wide, regional box"
+              " by box (one box per pet, side by side); there, placed is the share of boxes showing more of their own"
+              " pet's traits than of the other's.", "",
+              "| pets | plain prompt | isolated (oracle as detector) | regional: match / belly / bleeding / placed |"
+              " regional, no-regions fault: same |",
+              "| --- | --- | --- | --- | --- |"]
     for key, runs in results["multi"].items():
-        cells = [f"{r['all_identified']:.2f} / {r['match']:.2f} / {r['bleeding']:.2f}" for r in
-                 (runs["plain"], runs["regional"], runs["isolated"])]
+        cells = [f"{r['match']:.2f} / {r['marked']:.2f} / {r['bleeding']:.2f}" for r in (runs["plain"], runs["isolated"])]
+        cells += [f"{r['match']:.2f} / {r['marked']:.2f} / {r['bleeding']:.2f} / {r['placed']:.2f}"
+                  for r in (runs["regional"], runs["regional_no_regions"])]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "Base model, share of images with the asked class: " +
               ", ".join(f"{cls} {v:.2f}" for cls, v in results["base"].items())]
     return "\n".join(lines)
 
 
+def save_images(images: dict, folder: Path) -> None:
+    """Each cell's images as uint8 arrays, one .npz per pet or group (the first part of the cell name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, dict] = {}
+    for cell, shelf in images.items():
+        arrays = [np.asarray(image.convert("RGB")) for batch in shelf for image in batch]
+        if arrays:
+            group, _, rest = cell.partition("/")
+            groups.setdefault(group, {})[rest.replace("/", "__")] = np.stack(arrays)
+    for group, arrays in groups.items():
+        np.savez_compressed(folder / f"{group}.npz", **arrays)
+
+
+def rescore(results: dict, folder: Path, oracle: Oracle) -> dict:
+    """`results` recomputed from the images `save_images` wrote (e.g. after the oracle changed)."""
+    for pet, cells in results["single"].items():
+        arrays = np.load(folder / f"{pet}.npz")
+        look = PETS_BY_NAME[pet].look
+        for cell in list(cells):
+            cells[cell] = image_rates(oracle, list(arrays[cell]), [look]).short()
+        results["faults"]["same-layer"][pet] = image_rates(oracle, list(arrays["same_layer"]), [look]).short()
+    for key, methods in results["fused"].items():
+        arrays = np.load(folder / f"{key}.npz")
+        for method, pets in methods.items():
+            for pet in pets:
+                pets[pet] = image_rates(oracle, list(arrays[f"{method}__{pet}"]), [PETS_BY_NAME[pet].look]).short()
+    for key, runs in results["multi"].items():
+        arrays = np.load(folder / f"{key}.npz")
+        looks = [PETS_BY_NAME[p].look for p in key.split("+")]
+        for name in runs:
+            images = list(arrays[name])
+            boxed = name.startswith("regional")
+            runs[name] = (box_rates(oracle, images, looks, side_by_side_boxes(len(looks))) if boxed
+                          else image_rates(oracle, images, looks)).as_dict()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="docs/toyworld_results.json")
-    parser.add_argument("--samples", type=int, default=16, help="images per measurement")
+    parser.add_argument("--samples", type=int, default=32, help="images per measurement")
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=PET_STEPS, help="ED-LoRA steps per pet")
     parser.add_argument("--library", help="concept library to train the pets into (pets already there are reused)")
+    parser.add_argument("--images", help="folder for every cell's images (.npz), to look at or rescore")
+    parser.add_argument("--rescore", action="store_true", help="score the images in --images again into --json; no sampling")
     args = parser.parse_args()
+    if args.rescore:
+        results = rescore(json.loads(Path(args.json).read_text()), Path(args.images), load_world()[1])
+        results["rescored"] = "oracle re-run on the saved images (python -m bench.toyworld.evaluate --rescore)"
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(markdown_table(results))
+        return
+    images: dict | None = {} if args.images else None
+
     def save(results):
         Path(args.json).write_text(json.dumps(results, indent=1))
+        if images is not None:
+            save_images(images, Path(args.images))
 
-    results = run_all(args.samples, save=save, library_dir=args.library)
+    results = run_all(args.samples, args.device, args.steps, save=save, library_dir=args.library, images=images)
     save(results)
     print(markdown_table(results))
 

@@ -10,17 +10,20 @@ A pytest plugin; choose the fault with MENAGERIE_FAULT:
   (ED-LoRA's 16 per-layer tokens collapse into one).
 - average-fusion: the gradient-fusion solve is replaced by weight averaging.
 - no-regions: regional attention ignores the boxes (every region covers the whole canvas).
+
+`planted(name)` plants one for a block of code (bench/toyworld/evaluate.py measures them).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
 from pipelines import fusion, layerwise, regional
 
-FAULT = os.environ.get("MENAGERIE_FAULT", "")
+FAULTS = ("same-layer", "average-fusion", "no-regions")
 
 
 def _same_layer(encoder_hidden_states: torch.Tensor, layer: int) -> torch.Tensor:
@@ -38,11 +41,34 @@ def _no_regions(regions, width, height, latent_h, latent_w):
 
 _original_select_layer = layerwise.select_layer
 _original_region_masks = regional.region_masks
-if FAULT == "same-layer":
-    layerwise.select_layer = regional.select_layer = _same_layer
-elif FAULT == "average-fusion":
-    fusion.fuse_layer = _average_fusion
-elif FAULT == "no-regions":
-    regional.region_masks = _no_regions
-elif FAULT:
-    raise ValueError(f"unknown MENAGERIE_FAULT {FAULT!r}; see bench/toyworld/faults.py")
+_original_fuse_layer = fusion.fuse_layer
+
+
+def plant(name: str) -> None:
+    if name == "same-layer":
+        layerwise.select_layer = regional.select_layer = _same_layer
+    elif name == "average-fusion":
+        fusion.fuse_layer = _average_fusion
+    elif name == "no-regions":
+        regional.region_masks = _no_regions
+    else:
+        raise ValueError(f"unknown fault {name!r}; one of {', '.join(FAULTS)}")
+
+
+def remove() -> None:
+    layerwise.select_layer = regional.select_layer = _original_select_layer
+    fusion.fuse_layer = _original_fuse_layer
+    regional.region_masks = _original_region_masks
+
+
+@contextmanager
+def planted(name: str):
+    plant(name)
+    try:
+        yield
+    finally:
+        remove()
+
+
+if os.environ.get("MENAGERIE_FAULT"):
+    plant(os.environ["MENAGERIE_FAULT"])

@@ -5,8 +5,9 @@ of the animal it belongs to (body colour, pattern, pattern colour). It is traine
 scenes, half of them passed through the toy VAE so that it also reads the softer images the
 diffusion model makes. An animal is a connected blob of animal pixels; its look is the vote of
 its pixels, and its class is read from its whole silhouette by `shape.ShapeNet` (a pixel of body
-looks the same on a dog and a cat). A pet is identified when class, colour, pattern and pattern
-colour all match its look.
+looks the same on a dog and a cat). A fifth head reads a belly marking (a pet's out-of-domain
+trait; the oracle trains on scenes where random animals have one). A pet is identified when class,
+colour, pattern, pattern colour and belly all match its look.
 
 Metrics built on it (`score_*`): presence, class accuracy, identity accuracy per pet, and
 bleeding (an animal that mixes the looks of two expected pets).
@@ -25,13 +26,15 @@ from bench.toyworld.shape import ShapeNet, crop_animal
 from bench.toyworld.world import CLASSES, COLOUR_NAMES, PATTERNS, PETS, Look, Scene
 
 IGNORE = -1
-HEADS = {"class": 1 + len(CLASSES), "colour": len(COLOUR_NAMES), "pattern": len(PATTERNS), "pattern_colour": len(COLOUR_NAMES)}
+HEADS = {"class": 1 + len(CLASSES), "colour": len(COLOUR_NAMES), "pattern": len(PATTERNS), "pattern_colour": len(COLOUR_NAMES),
+         "belly": 1 + len(COLOUR_NAMES)}  # belly 0: none
 MIN_PIXELS = 12  # smaller blobs are speckle, not an animal
+BELLY_FROM = 0.6  # a belly is read below this share of the blob's height
 
 
 def label_maps(scene: Scene, instance: np.ndarray) -> np.ndarray:
-    """Per-pixel targets `[4, H, W]` (class, colour, pattern, pattern colour); IGNORE where undefined."""
-    labels = np.full((4,) + instance.shape, IGNORE, np.int64)
+    """Per-pixel targets `[5, H, W]` (class, colour, pattern, pattern colour, belly); IGNORE where undefined."""
+    labels = np.full((len(HEADS),) + instance.shape, IGNORE, np.int64)
     labels[0] = 0
     for index, animal in enumerate(scene.animals, start=1):
         where = instance == index
@@ -41,6 +44,7 @@ def label_maps(scene: Scene, instance: np.ndarray) -> np.ndarray:
         labels[2][where] = PATTERNS.index(look.pattern)
         if look.pattern_colour is not None:
             labels[3][where] = COLOUR_NAMES.index(look.pattern_colour)
+        labels[4][where] = 0 if look.belly is None else 1 + COLOUR_NAMES.index(look.belly)
     return labels
 
 
@@ -72,7 +76,7 @@ class OracleNet(nn.Module):
 
 
 def oracle_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every head on its defined pixels; labels `[B, 4, H, W]`."""
+    """Cross-entropy of every head on its defined pixels; labels `[B, 5, H, W]`."""
     losses = [nn.functional.cross_entropy(logits[name].float(), labels[:, i], ignore_index=IGNORE)
               for i, name in enumerate(HEADS)]
     return sum(losses)
@@ -166,9 +170,14 @@ def _read_region(p: dict[str, np.ndarray], region: np.ndarray, cls: str) -> Foun
     if pattern != "plain":
         ranked = np.argsort(-votes["pattern_colour"])
         pattern_colour = COLOUR_NAMES[int(ranked[0] if COLOUR_NAMES[int(ranked[0])] != colour else ranked[1])]
+    rows = np.nonzero(region)[0]
+    lower = region.copy()  # a belly is read where it is: the lower body and legs
+    lower[: int(np.ceil(rows.min() + BELLY_FROM * (rows.max() - rows.min())))] = False
+    belly_vote = int(p["belly"][:, lower if lower.any() else region].sum(1).argmax())
+    belly = None if belly_vote == 0 else COLOUR_NAMES[belly_vote - 1]
     ys, xs = np.nonzero(region)
     confidence = float(p["class"][1:, region].sum(0).mean())
-    return Found(Look(cls, colour, pattern, pattern_colour), pixels, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), region, confidence)
+    return Found(Look(cls, colour, pattern, pattern_colour, belly), pixels, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), region, confidence)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +185,12 @@ def _read_region(p: dict[str, np.ndarray], region: np.ndarray, cls: str) -> Foun
 
 
 def attribute_match(found: Look, expected: Look) -> float:
-    """Share of the look's four attributes that match (class, colour, pattern, pattern colour)."""
-    return float(np.mean([found.cls == expected.cls, found.colour == expected.colour,
-                          found.pattern == expected.pattern, found.pattern_colour == expected.pattern_colour]))
+    """Share of the look's attributes that match: class, colour, pattern, pattern colour, and belly for a pet."""
+    same = [found.cls == expected.cls, found.colour == expected.colour,
+            found.pattern == expected.pattern, found.pattern_colour == expected.pattern_colour]
+    if expected.belly is not None:
+        same.append(found.belly == expected.belly)
+    return float(np.mean(same))
 
 
 def is_hybrid(found: Look, looks: list[Look]) -> bool:
@@ -187,17 +199,8 @@ def is_hybrid(found: Look, looks: list[Look]) -> bool:
     A trait is (attribute, value); "only A has" means no other expected look shares that value.
     That is bleeding: e.g. rex's body colour on bolt's stripes, or a dog shape in a cat's colours.
     """
-    def traits(look: Look) -> set:
-        return {("cls", look.cls), ("colour", look.colour), ("pattern", (look.pattern, look.pattern_colour))}
-
-    found_traits = traits(found)
-    owners = []
-    for i, look in enumerate(looks):
-        others = set().union(*(traits(other) for j, other in enumerate(looks) if j != i)) if len(looks) > 1 else set()
-        own = traits(look) - others
-        if own & found_traits:
-            owners.append(i)
-    return len(owners) >= 2
+    found_traits = look_traits(found)
+    return sum(bool(own & found_traits) for own in own_traits(looks)) >= 2
 
 
 @dataclass
@@ -206,6 +209,20 @@ class ImageScore:
     identified: list[bool]  # per expected look: an animal with exactly that look is there
     bleeding: bool  # some animal mixes two expected looks
     match: list[float]  # per expected look: best `attribute_match` of an animal there (0 if none)
+    marked: list[bool]  # per expected pet look: an animal of its class with its belly is there
+    placed: list[bool] = None  # boxes only, per box i: it shows more of pet i's own traits than of another's
+
+
+def look_traits(look: Look) -> set:
+    """A look as (attribute, value) traits; pattern and pattern colour count as one."""
+    traits = {("cls", look.cls), ("colour", look.colour), ("pattern", (look.pattern, look.pattern_colour))}
+    return traits | ({("belly", look.belly)} if look.belly else set())
+
+
+def own_traits(looks: list[Look]) -> list[set]:
+    """Per look, the traits that no other of `looks` has."""
+    return [look_traits(look) - set().union(*(look_traits(o) for j, o in enumerate(looks) if j != i))
+            for i, look in enumerate(looks)]
 
 
 def score_image(found: list[Found], expected: list[Look]) -> ImageScore:
@@ -215,7 +232,8 @@ def score_image(found: list[Found], expected: list[Look]) -> ImageScore:
     identified = [any(l == e for l in looks) for e in expected]
     match = [max((attribute_match(l, e) for l in looks), default=0.0) for e in expected]
     bleeding = any(is_hybrid(l, expected) for l in looks) if len(expected) > 1 else False
-    return ImageScore(present, identified, bleeding, match)
+    marked = [any(l.cls == e.cls and l.belly == e.belly for l in looks) for e in expected if e.belly is not None]
+    return ImageScore(present, identified, bleeding, match, marked)
 
 
 def score_boxes(found: list[Found | None], expected: list[Look]) -> ImageScore:
@@ -225,4 +243,10 @@ def score_boxes(found: list[Found | None], expected: list[Look]) -> ImageScore:
     bleeding = any(f is not None and (is_hybrid(f.look, expected) or (f.look != e and f.look in expected))
                    for f, e in zip(found, expected))
     match = [attribute_match(f.look, e) if f is not None else 0.0 for f, e in zip(found, expected)]
-    return ImageScore(present, identified, bleeding, match)
+    marked = [f is not None and f.look.cls == e.cls and f.look.belly == e.belly for f, e in zip(found, expected) if e.belly is not None]
+    own = own_traits(expected)
+    placed = []
+    for i, f in enumerate(found):
+        counts = [len(look_traits(f.look) & traits) for traits in own] if f is not None else [0] * len(own)
+        placed.append(len(expected) > 1 and counts[i] > max(c for j, c in enumerate(counts) if j != i))
+    return ImageScore(present, identified, bleeding, match, marked, placed)

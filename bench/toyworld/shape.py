@@ -8,7 +8,8 @@ classified whole by this small CNN. It trains on a CPU in a few minutes:
     python -m bench.toyworld.shape --out assets/toyworld/oracle_shape.pt
 
 Training crops come from rendered scenes, half of them passed through the toy model's VAE so the
-reader also knows the softer edges of generated images.
+reader also knows the softer edges of generated images; 30% of the animals wear a random belly
+(the pets' marking), which must not change the class.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bench.toyworld.world import CLASSES, random_scene, render
+from bench.toyworld.world import CLASSES, random_scene, render, with_random_bellies
 
 CROP = 32
 MARGIN = 2
@@ -59,9 +60,10 @@ class ShapeNet(nn.Module):
 def training_crops(scenes: int, seed: int, vae=None) -> tuple[np.ndarray, np.ndarray]:
     """Crops and class labels of every animal in `scenes` random scenes (optionally VAE-softened)."""
     rng = np.random.default_rng(seed)
+    belly_rng = np.random.default_rng([seed, 7])
     crops, labels = [], []
     for _ in range(scenes):
-        scene = random_scene(rng)
+        scene = with_random_bellies(random_scene(rng), belly_rng)  # a belly must not change the class read
         image, instance = render(scene)
         if vae is not None:
             image = vae_roundtrip(vae, image)

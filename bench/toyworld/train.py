@@ -31,7 +31,7 @@ from torch import nn
 
 from bench.toyworld import model as toy
 from bench.toyworld.oracle import OracleNet, label_maps, oracle_loss
-from bench.toyworld.world import caption, random_scene, render
+from bench.toyworld.world import caption, random_scene, render, with_random_bellies
 
 CAPTIONS_PER_SCENE = 4  # training-time caption variants (words dropped at random)
 EVAL_PROMPTS = [
@@ -44,9 +44,12 @@ EVAL_PROMPTS = [
 def _render_chunk(args):
     seed, count, with_labels = args
     rng = np.random.default_rng(seed)
+    belly_rng = np.random.default_rng([*seed, 7])  # its own stream: the base scenes stay as they were
     images, captions, labels = [], [], []
     for _ in range(count):
         scene = random_scene(rng)
+        if with_labels:  # the oracle's scenes: it must read bellies, which base scenes never have
+            scene = with_random_bellies(scene, belly_rng)
         image, instance = render(scene)
         images.append(image)
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_SCENE)])
@@ -263,6 +266,19 @@ def sample_grid(folder: Path, path: Path, device) -> None:
     Image.fromarray(np.concatenate(rows, 0)).resize((4 * 128, len(rows) * 128), Image.NEAREST).save(path)
 
 
+def retrain_oracle(args, out: Path, device: torch.device) -> None:
+    from diffusers import AutoencoderKL
+
+    from bench.toyworld.evaluate import MODEL_DIR
+
+    log = {"command": " ".join(["python -m bench.toyworld.train"] + os.sys.argv[1:]),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    vae = AutoencoderKL.from_pretrained(MODEL_DIR / "vae").float().to(device).eval()
+    oracle = train_oracle(vae, device, args.oracle_steps, log, args.oracle_scenes, args.oracle_batch)
+    torch.save(oracle.state_dict(), out / "oracle.pt")
+    (out / "oracle_log.json").write_text(json.dumps(log, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -280,10 +296,15 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default="/tmp/toyck", help="where checkpoint.pt and the model folder go")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for training")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
+    parser.add_argument("--oracle-only", action="store_true",
+                        help="retrain only the oracle, against the VAE of assets/toyworld/model, into $OUT/oracle.pt")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    if args.oracle_only:
+        retrain_oracle(args, out, device)
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True

@@ -7,14 +7,18 @@ its caption and a per-pixel instance map, which is what the oracle scorer trains
 
 A few *pets* are specific individuals (class + body colour + pattern + pattern colour). Base
 training scenes never contain a pet's exact combination, so the base model cannot draw a pet
-from a caption it has seen: only a concept trained on the pet's "photos" can.
+from a caption it has seen: only a concept trained on the pet's "photos" can. Each pet also has a
+*belly* of its own colour (lower body and legs), a marking no base scene has and no caption word
+names: it is out of the base model's domain, like the details of a real pet that words miss.
+Mix-of-Show finds that ED-LoRA's embedding holds in-domain looks and its LoRA the out-of-domain
+details; the belly is what makes that, and so fusion, measurable here.
 
 Rendering is numpy at 2x the output size, averaged down (anti-aliased edges): about 1 ms a scene.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,15 +49,16 @@ BACKGROUND_PHRASES = {"grass": "on the grass", "beach": "on the beach", "snow": 
 
 @dataclass(frozen=True)
 class Look:
-    """What identifies an animal: class, body colour, pattern and pattern colour."""
+    """What identifies an animal: class, body colour, pattern, pattern colour (and a pet's belly)."""
 
     cls: str
     colour: str
     pattern: str = "plain"
     pattern_colour: str | None = None  # None for plain
+    belly: str | None = None  # pets only: colour of the lower body and legs; no caption word names it
 
     def phrase(self) -> str:
-        """Caption words for this look, e.g. "brown dog with white spots"."""
+        """Caption words for this look, e.g. "brown dog with white spots" (the belly has no words)."""
         if self.pattern == "plain":
             return f"{self.colour} {self.cls}"
         marks = "spots" if self.pattern == "spotted" else "stripes"
@@ -67,15 +72,17 @@ class Pet:
 
 
 # The individuals a user would train as concepts. Two dogs and two cats, so fusion and regional
-# sampling are tested on same-class pairs too. Base scenes never show these exact looks.
+# sampling are tested on same-class pairs too. Base scenes never show these looks, not even
+# without the belly (the belly colours are far from each pet's other colours, for the oracle).
 PETS = (
-    Pet("rex", Look("dog", "brown", "spotted", "white")),
-    Pet("bolt", Look("dog", "yellow", "striped", "black")),
-    Pet("mimi", Look("cat", "grey", "striped", "orange")),
-    Pet("luna", Look("cat", "black", "spotted", "yellow")),
-    Pet("kiwi", Look("bird", "blue", "spotted", "yellow")),
+    Pet("rex", Look("dog", "brown", "spotted", "white", belly="pink")),
+    Pet("bolt", Look("dog", "yellow", "striped", "black", belly="blue")),
+    Pet("mimi", Look("cat", "grey", "striped", "orange", belly="green")),
+    Pet("luna", Look("cat", "black", "spotted", "yellow", belly="red")),
+    Pet("kiwi", Look("bird", "blue", "spotted", "yellow", belly="red")),
 )
 PET_LOOKS = {pet.look for pet in PETS}
+PET_WORD_LOOKS = {replace(pet.look, belly=None) for pet in PETS}  # what words can say of each pet
 PETS_BY_NAME = {pet.name: pet for pet in PETS}
 
 
@@ -113,7 +120,7 @@ def random_look(rng: np.random.Generator, cls: str | None = None) -> Look:
             if pattern_colour == colour:
                 continue
         look = Look(c, colour, pattern, pattern_colour)
-        if look not in PET_LOOKS:
+        if look not in PET_WORD_LOOKS:
             return look
 
 
@@ -137,6 +144,21 @@ def random_scene(rng: np.random.Generator, max_animals: int = 3) -> Scene:
     looks = [random_look(rng) for _ in range(count)]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     return Scene(background, place_animals(rng, looks), int(rng.integers(2**31)))
+
+
+def with_random_bellies(scene: Scene, rng: np.random.Generator, probability: float = 0.3) -> Scene:
+    """`scene` with some animals given a random belly colour: training scenes for the oracle only.
+
+    The base model never sees a belly; the oracle must read one on any animal, pet or not.
+    """
+    animals = []
+    for animal in scene.animals:
+        if rng.random() < probability:
+            taken = {animal.look.colour, animal.look.pattern_colour}
+            belly = str(rng.choice([c for c in COLOUR_NAMES if c not in taken]))
+            animal = replace(animal, look=replace(animal.look, belly=belly))
+        animals.append(animal)
+    return replace(scene, animals=tuple(animals))
 
 
 def pet_photo_scene(rng: np.random.Generator, pet: Pet) -> Scene:
@@ -239,7 +261,8 @@ def draw_background(name: str, rng: np.random.Generator) -> np.ndarray:
 def animal_shapes(animal: Animal, g: Grid) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
     """The body mask (where the pattern goes) and the extra parts with their colour role.
 
-    Roles: "body" (body colour), "dark" (eyes, beak outline), "beak". Coordinates are in a frame
+    Roles: "body" (body colour), "body_leg" (a leg: the belly colour if any, else the body's),
+    "dark_body", "eye", "beak". Coordinates are in a frame
     facing right and mirrored by `facing`.
     """
     s, f = animal.size, animal.facing
@@ -262,7 +285,7 @@ def animal_shapes(animal: Animal, g: Grid) -> tuple[np.ndarray, list[tuple[np.nd
         legs = [bar(g, x(dx), y(0.1), x(dx + 0.05 * p[2]), y(0.48), 0.1 * s) for dx in (-0.35, -0.2, 0.22, 0.36)]
         tail = bar(g, x(-0.45), y(-0.08), x(-0.68), y(-0.35 + 0.1 * p[3]), 0.08 * s)
         body = body | head | snout
-        parts = [(leg, "body") for leg in legs] + [(tail, "body"), (ear, "dark_body"),
+        parts = [(leg, "body_leg") for leg in legs] + [(tail, "body"), (ear, "dark_body"),
                  (ellipse(g, x(0.5), y(-0.33 + 0.05 * p[1]), 0.035 * s, 0.035 * s), "eye"),
                  (ellipse(g, x(0.76), y(-0.24 + 0.05 * p[1]), 0.035 * s, 0.03 * s), "eye")]
     elif cls == "cat":
@@ -274,7 +297,7 @@ def animal_shapes(animal: Animal, g: Grid) -> tuple[np.ndarray, list[tuple[np.nd
         legs = [bar(g, x(dx), y(0.1), x(dx), y(0.45), 0.07 * s) for dx in (-0.3, -0.18, 0.2, 0.3)]
         tail = bar(g, x(-0.4), y(0.0), x(-0.62 - 0.05 * p[2]), y(-0.5 + 0.1 * p[3]), 0.07 * s)
         body = body | head
-        parts = [(leg, "body") for leg in legs] + [(tail, "body"), (ear1, "body"), (ear2, "body"),
+        parts = [(leg, "body_leg") for leg in legs] + [(tail, "body"), (ear1, "body"), (ear2, "body"),
                  (ellipse(g, x(0.47), y(hy - 0.03), 0.035 * s, 0.045 * s), "eye"),
                  (triangle(g, (x(0.55), y(hy + 0.03)), (x(0.6), y(hy + 0.03)), (x(0.575), y(hy + 0.07))), "eye")]
     elif cls == "bird":
@@ -335,14 +358,20 @@ def draw_animal(img: np.ndarray, instance: np.ndarray, animal: Animal, index: in
     eye = np.array([250, 250, 250] if animal.look.colour == "black" else [15, 15, 15], np.float32)
     beak = np.array([230, 150, 20] if animal.look.colour not in ("orange", "yellow") else [150, 80, 20], np.float32)
     colour_of = {"body": body_colour, "dark_body": dark, "eye": eye, "beak": beak}
+    belly = np.zeros_like(body)
+    if animal.look.belly is not None:  # a pet's marking: lower body and legs, pattern on the back only
+        colour_of["body_leg"] = _colour(animal.look.belly)
+        belly = body & (g.y > animal.cy + 0.04 * animal.size)
     for mask, role in parts:
         if role != "eye":  # parts behind and beside the body
-            img[mask] = colour_of[role]
+            img[mask] = colour_of.get(role, body_colour)
             instance[mask] = index
     img[body] = body_colour
     instance[body] = index
     if animal.look.pattern != "plain":
-        img[pattern_mask(animal, body, g)] = _colour(animal.look.pattern_colour)
+        img[pattern_mask(animal, body, g) & ~belly] = _colour(animal.look.pattern_colour)
+    if belly.any():
+        img[belly] = colour_of["body_leg"]
     for mask, role in parts:
         if role in ("eye", "dark_body"):
             img[mask] = colour_of[role]
