@@ -79,7 +79,7 @@ def oracle_detector(oracle: Oracle):
 class Rates:
     presence: float  # share of (image, expected animal) pairs whose class is there
     identity: float  # ... whose exact look is there
-    match: float  # mean over pairs of the best share of the look's 4 attributes an animal there has
+    match: float  # mean over pairs of the best share of the look's attributes (4, or 5 with a belly) an animal there has
     all_identified: float  # share of images with every expected look there
     bleeding: float  # share of images with an animal mixing two expected looks
     marked: float  # share of (image, expected pet) pairs with an animal of its class and its belly
