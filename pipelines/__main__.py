@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-threshold", type=float, default=0.25)
     p.set_defaults(func=cmd_isolate)
 
-    p = sub.add_parser("fuse", help="fuse several concepts into one model (Mix-of-Show gradient fusion, solved exactly)")
+    p = sub.add_parser("fuse", help="fuse several concepts into one model (Mix-of-Show gradient fusion, solved in closed form)")
     model_flags(p)
     library_flag(p)
     p.add_argument("--concepts", required=True, help="comma-separated concept names, e.g. mochi,tama")

@@ -1,4 +1,4 @@
-"""Gradient fusion of ED-LoRA concepts (Mix-of-Show, Gu et al. 2023, section 3.3.2), solved exactly.
+"""Gradient fusion of ED-LoRA concepts (Mix-of-Show, Gu et al. 2023, section 3.3.2), solved in closed form.
 
 For every LoRA'd linear layer with base weight W0 and concept deltas dW_i, Mix-of-Show minimises
 
@@ -10,15 +10,17 @@ the solution closest to W0, which is where LBFGS from W0 converges, is
 
     W = W0 + (sum_i dW_i G_i) (sum_i G_i)^+ .
 
-Eigen-directions of sum_i G_i with eigenvalue <= `rcond` * largest are treated as null (no concept
-showed input there): W keeps W0 along them. The product's cutoff is 1e-3, not machine precision:
-two concepts whose inputs are nearly the same (the end-of-text rows of "photo of a <a> dog" and
-"... <b> dog") but whose targets differ make the exact solve fit that difference along a tiny
-eigen-direction, with weights that blow up on any other input. LBFGS started at W0 never gets far
-along such directions in its 50-500 iterations (the implicit regularisation Mix-of-Show relies
-on); the cutoff does the same explicitly. Measured in the toy world (docs/toyworld.md): fusing five
-pets at 1e-6 destroys the images, at 1e-4 to 1e-2 it keeps them. The Grams are accumulated by forward hooks while the
-activations stream by; activations are never stored. Inputs follow Mix-of-Show:
+Eigen-directions of sum_i G_i with eigenvalue <= `rcond` * largest are treated as null: W keeps W0
+along them. The product's cutoff is 1e-3, not machine precision. Two concepts whose inputs are
+nearly the same (the end-of-text rows of "photo of a <a> dog" and "... <b> dog") but whose targets
+differ make the exact solve fit that difference along a tiny eigen-direction, with weights that
+blow up on any other input. LBFGS started at W0 never gets far along such directions in its
+50-500 iterations (the implicit regularisation Mix-of-Show relies on); the cutoff does the same
+explicitly. Measured in the toy world (docs/toyworld.md): five pets fused at 1e-6 give ruined
+images, at 1e-4 to 1e-2 they keep the pets.
+
+The Grams are accumulated by forward hooks while the activations stream by; activations are never
+stored. Inputs follow Mix-of-Show:
   1. text encoder (q/k/v/out_proj): concept i's own model on "photo of a <c>" and "<c>", all 16
      layer-wise variants, unpadded;
   2. UNet cross-attention to_k/to_v of layer l: outputs of the *fused* text encoder for the same
@@ -64,7 +66,7 @@ FUSED_FORMAT = "menagerie-fused-v1"
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: str = "gradient"  # "gradient" (exact gradient fusion) or "weight" (weight averaging)
+    method: str = "gradient"  # "gradient" (gradient fusion, closed form) or "weight" (weight averaging)
     rcond: float = 1e-3  # eigenvalues of sum G_i below rcond * largest count as zero (see the module docstring)
     spatial_steps: int = 20  # denoising steps of the per-concept sample feeding the UNet spatial layers
     seed: int = 0  # seed of those samples (Mix-of-Show leaves them unseeded)

@@ -1,4 +1,4 @@
-"""Gradient fusion (Mix-of-Show section 3.3.2, solved exactly) and weight averaging.
+"""Gradient fusion (Mix-of-Show section 3.3.2, closed form) and weight averaging.
 
 The math is checked on small float64 problems against an independent solver (LBFGS from W0, what
 Mix-of-Show runs) and against the normal equations; the pipeline is checked on the tiny random model

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bench.toyworld.oracle import Oracle, score_boxes, score_image
-from bench.toyworld.world import PETS_BY_NAME, SIZE, Look, pet_photos
+from bench.toyworld.world import PETS as WORLD_PETS, PETS_BY_NAME, SIZE, Look, pet_photos
 from pipelines.base import load_base
 from pipelines.detect import Detection
 
@@ -179,7 +179,7 @@ def identity_rate(base, library, oracle, prompt: str, look: Look, count: int, fu
     return image_rates(oracle, images, [look]).short()
 
 
-PETS = ("rex", "bolt", "mimi", "luna", "kiwi")
+PETS = tuple(pet.name for pet in WORLD_PETS)
 FUSION_GROUPS = (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"), PETS)
 MULTI_GROUPS = (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"))
 
