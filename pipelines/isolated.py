@@ -42,6 +42,7 @@ from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
 from .performance import unet_forward
+from .sample import decode_latents, denoise, initial_latents, make_scheduler
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -68,18 +69,65 @@ class IsolateConfig:
     height: int | None = None
     box_threshold: float = 0.35
     text_threshold: float = 0.25
+    # With boxes (one pixel box (x0, y0, x1, y1) per subject, in subject order) each subject is
+    # isolated in its own box; without, wherever the detector finds it.
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
+    layout_self_attention: float = 1.0  # share of layout steps with bounded self-attention between the boxes
+    layout_retries: int = 1  # layouts re-sampled with the next seed while a box is missed or two boxes merge
+    added_bootstrap: float = 0.3  # share of branch steps an added subject's branch is bootstrapped in its box
+
+
+RETRY_SEED_STRIDE = 7919  # a retried layout uses seed + attempt * this (a prime: far from the user's next seeds)
+
+
+@dataclass
+class BoxAssignment:
+    """What became of one box: its subject's detection, a part of a merged one, or an added subject."""
+
+    index: int  # the box's position (= its subject's) in config.boxes
+    box: tuple[int, int, int, int]
+    subject: str  # the subject's mask key ("dog", "dog-2")
+    status: str  # "matched", "split" (a part of a detection spanning several boxes) or "added" (none found)
+    detection: int | None = None  # index into IsolatedResult.found
+    iou: float = 0.0  # of the detection's box with this box
+
+    def to_json(self) -> dict:
+        return {"box": list(self.box), "subject": self.subject, "status": self.status, "detection": self.detection,
+                "iou": round(self.iou, 3)}
+
+
+@dataclass
+class SubjectPlan:
+    """Which subjects are isolated, with which masks, and how each was found in the layout."""
+
+    subjects: list[int]  # indices into config.subjects, in branch order
+    masks: list[np.ndarray]  # image-size bool masks, disjoint, one per isolated subject
+    detections: list  # the Detection of each isolated subject (None for one added in its box)
+    assignments: list[BoxAssignment]  # boxes mode: one per box; else empty
+    added: list[int] = field(default_factory=list)  # positions in `subjects` of subjects added in their box
+    missing: list[int] = field(default_factory=list)  # indices into config.subjects of subjects not isolated
+    boxes: list = field(default_factory=list)  # boxes mode: the box of each isolated subject
+
+    def problems(self) -> int:
+        """Boxes not found as one clean detection (boxes mode), or subjects not found (label mode)."""
+        if self.assignments:
+            return sum(a.status != "matched" for a in self.assignments)
+        return len(self.missing)
 
 
 @dataclass
 class IsolatedResult:
     layout: Image.Image  # the plain sample with the full prompt
     final: Image.Image  # after isolation (the layout itself if nothing was found)
-    detections: list = field(default_factory=list)  # Detection per isolated subject, in subject order
+    detections: list = field(default_factory=list)  # Detection (None: added in its box) per isolated subject
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # label -> bool mask at image size
     missing: list[str] = field(default_factory=list)  # subject labels not found in the layout
     message: str = ""
     metadata: dict = field(default_factory=dict)
     latents: torch.Tensor | None = field(default=None, repr=False)  # final [1 + S, C, h, w]: background, branches
+    found: list = field(default_factory=list)  # every detection in the (chosen) layout
+    assignments: list[BoxAssignment] = field(default_factory=list)  # boxes mode: what became of each box
+    attempts: int = 1  # layouts sampled (boxes mode retries merged or missed layouts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +204,81 @@ def parse_subject(text: str) -> Subject:
     if not label or not prompt:
         raise UserError(f"--subject {text!r} must look like 'dog=<mochi> dog' (detector label = branch prompt)")
     return Subject(label=label, prompt=prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which detection becomes which subject
+
+
+def plan_by_label(found: list, config: IsolateConfig) -> SubjectPlan:
+    """Without boxes: each subject takes the best-scoring unused detection of its label."""
+    plan = SubjectPlan([], [], [], [])
+    used = set()
+    for number, subject in enumerate(config.subjects):
+        candidates = [i for i, d in enumerate(found) if d.label == subject.label and i not in used]
+        if not candidates:
+            plan.missing.append(number)
+            continue
+        best = max(candidates, key=lambda i: found[i].score)
+        used.add(best)
+        plan.subjects.append(number)
+        plan.detections.append(found[best])
+    plan.masks = disjoint_masks([d.mask for d in plan.detections]) if plan.detections else []
+    return plan
+
+
+def plan_boxes(found: list, config: IsolateConfig, width: int, height: int) -> SubjectPlan:
+    """With boxes: detections matched to boxes by position; merged ones split, missing subjects added.
+
+    Masks are made disjoint with matched detections first, then split parts, then added boxes, so an
+    added subject never paints over a found one.
+    """
+    from .layout import box_iou, box_pixels, boxes_spanned, match_detections_to_boxes, split_mask_by_boxes
+
+    boxes = [tuple(b) for b in config.boxes]
+    labels = [s.label for s in config.subjects]
+    keys = [mask_key(list(config.subjects), i) for i in range(len(boxes))]
+    matched = match_detections_to_boxes([d.box for d in found], [d.label for d in found], boxes, labels)
+    masks: list = [None] * len(boxes)
+    status: list = [None] * len(boxes)
+    source: list = [None] * len(boxes)
+    spanning = []
+    for i, j in enumerate(matched):
+        if j is None:
+            continue
+        spans = boxes_spanned(found[j].mask, boxes)
+        if len(spans) >= 2 and i in spans:
+            spanning.append((i, j, spans))
+        else:
+            masks[i], status[i], source[i] = found[j].mask, "matched", j
+    for i, j, spans in spanning:  # a merged detection: each box it covers takes its part, if still empty
+        parts = split_mask_by_boxes(found[j].mask, boxes)
+        for k in spans:
+            if masks[k] is None or k == i:
+                masks[k], status[k], source[k] = parts[k], "split", j
+    for i in range(len(boxes)):
+        if masks[i] is None or not masks[i].any():
+            masks[i], status[i], source[i] = box_pixels(boxes[i], width, height), "added", None
+    priority = sorted(range(len(boxes)), key=lambda i: ("matched", "split", "added").index(status[i]))
+    taken = np.zeros((height, width), dtype=bool)
+    for i in priority:
+        masks[i] = masks[i] & ~taken
+        taken |= masks[i]
+    plan = SubjectPlan([], [], [], [], boxes=[])
+    for i in range(len(boxes)):
+        detection = found[source[i]] if source[i] is not None else None
+        iou = box_iou(boxes[i], detection.box) if detection is not None else 0.0
+        plan.assignments.append(BoxAssignment(i, boxes[i], keys[i], status[i], source[i], iou))
+        if not masks[i].any():  # wholly covered by other subjects' masks: nothing left to isolate
+            plan.missing.append(i)
+            continue
+        if status[i] == "added":
+            plan.added.append(len(plan.subjects))
+        plan.subjects.append(i)
+        plan.masks.append(masks[i])
+        plan.detections.append(detection)
+        plan.boxes.append(boxes[i])
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +374,19 @@ def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, i
         if not word_in_prompt(subject.label, config.prompt):
             raise UserError(f"subject label {subject.label!r} does not appear in the prompt {config.prompt!r}; the"
                             f" layout is searched for it, so the prompt must mention it")
+    if config.boxes:
+        from .regional import Region, check_regions
+
+        if len(config.boxes) != len(config.subjects):
+            raise UserError(f"{len(config.boxes)} boxes for {len(config.subjects)} subjects; give one box per subject, in the"
+                            f" same order (or no boxes to find the subjects anywhere)")
+        check_regions([Region(tuple(int(v) for v in box), subject.label) for box, subject in zip(config.boxes, config.subjects)],
+                      width, height)
+    for name in ("layout_self_attention", "added_bootstrap"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(config, name)} must be a share of the steps between 0 and 1")
+    if not 0 <= config.layout_retries <= 10:
+        raise UserError(f"--layout-retries {config.layout_retries} must be between 0 and 10")
     for attachment in config.attachments:
         if "=" in attachment and attachment.split("=", 1)[0].strip() not in labels:
             raise UserError(f"attachment {attachment!r} names subject {attachment.split('=', 1)[0].strip()!r}, which is not a --subject")
@@ -267,7 +403,15 @@ def isolate(
     callback: Callable[[str, int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> IsolatedResult:
-    """Isolated Diffusion for several subjects (and attachments) with concepts.
+    """Isolated Diffusion for several subjects (and attachments) with concepts, optionally in boxes.
+
+    Without boxes each subject takes the best-scoring detection of its label. With boxes (one per
+    subject) the layout is sampled with bounded self-attention between the boxes, detections are
+    matched to boxes by position (`layout.match_detections_to_boxes`), a layout whose detections
+    merge two boxes or miss one is re-sampled with the next seed (`layout_retries`), and what is
+    still wrong is mended: a merged detection is split by the boxes, a box with no detection gets
+    its subject added (fresh noise in the box, bootstrapped in its branch). `result.assignments`
+    says what happened to each box.
 
     Args:
         detector: Grounding DINO name (Hub id, folder or "tiny"), used with `segmenter` (SAM) through
@@ -280,9 +424,8 @@ def isolate(
     from .concept import check_compatible
     from .edlora import apply_concept, set_active_adapters
     from .fusion import load_fused
-    from .sample import decode_latents, initial_latents, make_scheduler
 
-    # 1. Check inputs
+    # 1. Check inputs, load the concepts and the detector
     width, height = check_isolate_config(config, base)
     subject_concepts = [concepts_in(s.prompt) for s in config.subjects]
     for subject, names in zip(config.subjects, subject_concepts):
@@ -315,16 +458,12 @@ def isolate(
             return detect(image, labels, detector=detector_name, segmenter=segmenter, device=base.device,
                           box_threshold=config.box_threshold, text_threshold=config.text_threshold)
 
-    install_layerwise_attention(base.unet)
-    unet = unet_forward(base)  # compiled when base.performance asks for it
     started = time.perf_counter()
-    guidance = config.guidance
 
     def check_cancel() -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("isolated sampling cancelled")
 
-    # 2. Layout: a plain sample of the full prompt, keeping the latent at t_lay
     with torch.no_grad():
         for model in (base.text_encoder, base.unet):
             set_active_adapters(model, [])
@@ -333,69 +472,65 @@ def isolate(
         uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt])
     scheduler = make_scheduler("dpm++", base.scheduler_config)
     scheduler.set_timesteps(config.steps, device=base.device)
-    timesteps = scheduler.timesteps
-    lay_index = layout_step_index(timesteps.cpu(), config.t_lay, scheduler.config.num_train_timesteps)
-    latents = initial_latents(base, 1, width, height, config.seed) * scheduler.init_noise_sigma
-    latent_at_lay = None
-    if not config.subjects:  # multi-attachment only: no layout, combine from the first step
-        lay_index, latent_at_lay = 0, latents
-    with torch.no_grad():
-        context = torch.cat([uncond, background_context[:1]]).to(base.dtype)
-        for i, t in enumerate(timesteps if config.subjects else []):
-            check_cancel()
-            if i == lay_index:
-                latent_at_lay = latents.clone()
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_u, eps_c = unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float().chunk(2)
-            latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
-            if callback is not None:
-                callback("layout", i + 1, len(timesteps))
-        layout = decode_latents(base, latents)[0] if config.subjects else None
-
-    # 3. Detect the subjects in the layout: one detection per subject, best score first
-    result = IsolatedResult(layout=layout, final=layout)
+    lay_index = layout_step_index(scheduler.timesteps.cpu(), config.t_lay, scheduler.config.num_train_timesteps)
     metadata = {"app": "menagerie", "method": "isolated", **asdict(config), "width": width, "height": height,
                 "subjects": [asdict(s) for s in config.subjects], "concepts": all_names, "base_model": base.name,
                 "fused": str(fused) if fused else None, "layout_step": lay_index}
     if base.is_test_model:
         metadata["note"] = TEST_MODEL_NOTE
-    subjects: list[Subject] = []
-    subject_numbers = []  # index in config.subjects of each found subject
-    detections = []
-    if config.subjects:
-        found = detector(layout, list(dict.fromkeys(s.label for s in config.subjects)))
-        used = set()
-        for number, subject in enumerate(config.subjects):
-            candidates = [i for i, d in enumerate(found) if d.label == subject.label and i not in used and d.mask is not None]
-            if not candidates:
-                result.missing.append(subject.label)
-                continue
-            best = max(candidates, key=lambda i: found[i].score)
-            used.add(best)
-            subjects.append(subject)
-            subject_numbers.append(number)
-            detections.append(found[best])
-    result.detections = detections
-    if config.subjects and not subjects:
-        result.message = (f"no subject was found in the layout ({', '.join(s.label for s in config.subjects)}); the layout"
-                          f" image is returned unchanged. Try another seed or a lower detection threshold")
-        result.metadata = {**metadata, "missing": result.missing, "message": result.message}
-        return result
-    if result.missing:
-        result.message = f"not found in the layout, left as sampled: {', '.join(result.missing)}"
+
+    # 2. Multi-attachment only: no layout, every step combines the prompts
+    if not config.subjects:
+        latent = initial_latents(base, 1, width, height, config.seed) * scheduler.init_noise_sigma
+        plan = SubjectPlan([], [], [], [])
+        result = IsolatedResult(layout=None, final=None)
+        lay_index = metadata["layout_step"] = 0
+    # 3. Layout, detection and assignment (re-sampled while boxes are merged or missed)
+    else:
+        labels = list(dict.fromkeys(s.label for s in config.subjects))
+        best = None
+        for attempt in range(1 + (config.layout_retries if config.boxes else 0)):
+            seed = config.seed + attempt * RETRY_SEED_STRIDE
+            layout_image, latent = sample_layout(base, config, background_context[:1], uncond, width, height, seed,
+                                                 lay_index, callback, check_cancel)
+            found = [d for d in detector(layout_image, labels) if d.mask is not None]
+            plan = plan_boxes(found, config, width, height) if config.boxes else plan_by_label(found, config)
+            trial = (plan.problems(), attempt, seed, layout_image, latent, found, plan)
+            if best is None or trial[0] < best[0]:
+                best = trial
+            if plan.problems() == 0:
+                break
+        _, attempt, seed, layout_image, latent, found, plan = best
+        metadata.update(layout_seed=seed, layout_attempts=attempt + 1)
+        result = IsolatedResult(layout=layout_image, final=layout_image, detections=plan.detections,
+                                missing=[config.subjects[i].label for i in plan.missing], attempts=attempt + 1,
+                                found=found, assignments=plan.assignments)
+        if not plan.subjects:
+            result.message = (f"no subject was found in the layout ({', '.join(s.label for s in config.subjects)}); the layout"
+                              f" image is returned unchanged. Try another seed or a lower detection threshold")
+            result.metadata = {**metadata, "missing": result.missing, "message": result.message}
+            return result
+        if result.missing:
+            result.message = f"not found in the layout, left as sampled: {', '.join(result.missing)}"
+        mended = [a for a in plan.assignments if a.status != "matched"]
+        if mended:
+            result.message = "; ".join(f"box {a.index + 1} ({a.subject}): {a.status}" for a in mended)
 
     # 4. Branch latents at t_lay and masks at latent resolution
+    subjects = [config.subjects[i] for i in plan.subjects]
     factor = base.vae_scale_factor
-    image_masks = disjoint_masks([d.mask for d in detections])
-    result.masks = {mask_key(subjects, i): m for i, m in enumerate(image_masks)}
-    masks = latent_masks(image_masks, height // factor, width // factor).to(base.device) if subjects else None
+    latent_h, latent_w = height // factor, width // factor
+    result.masks = {mask_key(subjects, i): m for i, m in enumerate(plan.masks)}
+    masks = latent_masks(plan.masks, latent_h, latent_w).to(base.device) if subjects else None
     generator = torch.Generator("cpu").manual_seed(config.seed + 1)
+    noise = torch.randn(latent.shape, generator=generator).to(base.device) * scheduler.init_noise_sigma
     if subjects:
-        noise = torch.randn(latent_at_lay.shape, generator=generator).to(base.device) * scheduler.init_noise_sigma
-        branches = branch_latents(latent_at_lay, noise, masks)  # [S, C, h, w]
-        all_latents = torch.cat([latent_at_lay, branches])  # [1 + S, C, h, w]
+        added = torch.tensor([i in plan.added for i in range(len(subjects))], device=base.device).float()[:, None, None, None]
+        fresh = (masks * added).sum(0, keepdim=True).clamp(max=1)  # added subjects' boxes start from fresh noise
+        latent = latent * (1 - fresh) + noise * fresh
+        all_latents = torch.cat([latent, branch_latents(latent, noise, masks)])  # [1 + S, C, h, w]
     else:
-        all_latents = latent_at_lay
+        all_latents = latent
 
     # 5. Prompts of every row: per latent, [uncond, base, attachments...]
     with torch.no_grad():
@@ -407,7 +542,7 @@ def isolate(
                 subject = subjects[index - 1]
                 prompts = [subject.prompt] + [a.split("=", 1)[1].strip() for a in config.attachments
                                               if "=" in a and a.split("=", 1)[0].strip() == subject.label]
-                names = subject_concepts[subject_numbers[index - 1]]
+                names = subject_concepts[plan.subjects[index - 1]]
                 adapter = names[0] if names and fused is None else BASE_ADAPTER
             set_active_adapters(base.text_encoder, [] if adapter == BASE_ADAPTER else [adapter])
             encoded = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
@@ -416,48 +551,173 @@ def isolate(
             groups.append(1 + len(prompts))
         set_active_adapters(base.text_encoder, [])
         context = torch.stack(rows_context).to(base.dtype)  # [rows, L, d]
-    repeats = torch.tensor(groups, device=base.device)
 
     # 6. Denoise every latent from t_lay in one batched UNet call per step
+    bootstrap = None
+    if plan.added:
+        from .layout import plain_colour_latents
+
+        with torch.no_grad():
+            plain = plain_colour_latents(base.vae, len(subjects), width, height, config.seed, base.dtype).to(base.device)
+        bootstrap = AddedBootstrap([1 + i for i in plan.added], [plan.boxes[i] for i in plan.added], plain, noise,
+                                   width, height, config.added_bootstrap)
+    all_latents = denoise_branches(base, all_latents, context, rows_adapter, groups, masks, config, lay_index, bootstrap,
+                                   callback, check_cancel)
+    with torch.no_grad():
+        result.final = decode_latents(base, all_latents[:1])[0]
+    result.latents = all_latents
+    if result.layout is None:
+        result.layout = result.final
+    result.metadata = {**metadata, "missing": result.missing, "message": result.message,
+                       "detections": [d.to_json() if d is not None else None for d in result.detections],
+                       "assignments": [a.to_json() for a in result.assignments],
+                       "seconds": round(time.perf_counter() - started, 3)}
+    return result
+
+
+def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor, uncond: torch.Tensor, width: int, height: int,
+                  seed: int, lay_index: int, callback, check_cancel) -> tuple[Image.Image, torch.Tensor]:
+    """A plain sample of the full prompt (bounded between the boxes, if any): its image and its latent at t_lay."""
+    from .layout import install_bounded_self_attention, self_attention_biases
+
+    install_layerwise_attention(base.unet)
+    bias, bounded_steps = None, 0
+    if config.boxes and config.layout_self_attention > 0:
+        install_bounded_self_attention(base.unet)
+        factor = base.vae_scale_factor
+        bias = self_attention_biases(list(config.boxes), width, height, height // factor, width // factor, base.device, base.dtype)
+        bounded_steps = max(1, round(config.layout_self_attention * config.steps))
+    kept = {}
+
+    def keep(i: int, latents: torch.Tensor) -> None:
+        check_cancel()
+        if i == lay_index:
+            kept["latent"] = latents.clone()
+
+    def progress(step: int, total: int) -> None:
+        if callback is not None:
+            callback("layout", step, total)
+
+    latents = initial_latents(base, 1, width, height, seed)
+    latents = denoise(base, latents, context, uncond, config.steps, config.guidance, "dpm++", progress, None,
+                      self_attention_bias=bias, self_attention_steps=bounded_steps, latents_callback=keep)
+    with torch.no_grad():
+        return decode_latents(base, latents)[0], kept["latent"]
+
+
+class AddedBootstrap:
+    """Bootstrapping of the branches of subjects the layout missed (MultiDiffusion, as in `layout.BoxBootstrap`).
+
+    For its first steps such a branch sees its box's latent inside the box and a noised plain colour
+    outside, shifted so the box sits in the middle of the canvas: the model has to draw the subject
+    there, where the final image takes it from.
+    """
+
+    def __init__(self, latent_indices: list[int], boxes: list, plain: torch.Tensor, noise: torch.Tensor,
+                 width: int, height: int, share: float):
+        from .layout import centring_shift
+        from .regional import box_mask
+
+        latent_h, latent_w = noise.shape[-2:]
+        self.latent_indices = latent_indices
+        self.masks = [box_mask(box, width, height, latent_w, latent_h).float()[None, None].to(noise.device) for box in boxes]
+        self.shifts = [centring_shift(box, width, height, latent_h, latent_w) for box in boxes]
+        self.plain = plain  # [S, 1, C, h, w]
+        self.noise = noise
+        self.share = share
+
+    def steps(self, total: int) -> int:
+        return 0 if self.share <= 0 else max(1, round(self.share * total))
+
+    def inputs(self, scheduler, t, all_latents: torch.Tensor) -> torch.Tensor:
+        from .layout import bootstrap_latent
+
+        out = all_latents.clone()
+        for k, (index, mask, shift) in enumerate(zip(self.latent_indices, self.masks, self.shifts)):
+            noised = scheduler.add_noise(self.plain[k], self.noise, t.reshape(1))
+            out[index] = torch.roll(bootstrap_latent(all_latents[index : index + 1], mask, noised), shift, dims=(2, 3))[0]
+        return out
+
+    def unshift(self, eps: torch.Tensor) -> torch.Tensor:
+        out = eps.clone()
+        for index, shift in zip(self.latent_indices, self.shifts):
+            out[index] = torch.roll(eps[index], (-shift[0], -shift[1]), dims=(1, 2))
+        return out
+
+
+def denoise_branches(base: BaseModel, all_latents: torch.Tensor, context: torch.Tensor, rows_adapter: list[str],
+                     groups: list[int], masks: torch.Tensor | None, config: IsolateConfig, lay_index: int,
+                     bootstrap: AddedBootstrap | None, callback, check_cancel) -> torch.Tensor:
+    """Steps lay_index.. of the schedule for the shared latent and every branch, one UNet call per step."""
+    unet = unet_forward(base)
+    install_layerwise_attention(base.unet)
     scheduler = make_scheduler("dpm++", base.scheduler_config)
     scheduler.set_timesteps(config.steps, device=base.device)
     scheduler.set_begin_index(lay_index)  # continue the schedule where the layout latent was kept
     remaining = scheduler.timesteps[lay_index:]
+    bootstrap_steps = bootstrap.steps(len(remaining)) if bootstrap is not None else 0
+    repeats = torch.tensor(groups, device=base.device)
     with torch.no_grad(), mixed_adapters(base.unet, rows_adapter):
         for i, t in enumerate(remaining):
             check_cancel()
-            model_input = scheduler.scale_model_input(all_latents, t).repeat_interleave(repeats, dim=0)
+            inputs = bootstrap.inputs(scheduler, t, all_latents) if i < bootstrap_steps else all_latents
+            model_input = scheduler.scale_model_input(inputs, t).repeat_interleave(repeats, dim=0)
             eps_rows = unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
             eps_latents, start = [], 0
             for size in groups:
                 block = eps_rows[start : start + size]  # [uncond, base, attachments...]
-                eps_latents.append(combine_attachments(block[:1], block[1:2], [block[j : j + 1] for j in range(2, size)], guidance))
+                eps_latents.append(combine_attachments(block[:1], block[1:2], [block[j : j + 1] for j in range(2, size)], config.guidance))
                 start += size
             eps = torch.cat(eps_latents)  # [1 + S, C, h, w]
-            if subjects:
+            if i < bootstrap_steps:
+                eps = bootstrap.unshift(eps)
+            if masks is not None:
                 eps = torch.cat([fuse_predictions(eps[:1], eps[1:], masks), eps[1:]])
             all_latents = scheduler.step(eps, t, all_latents).prev_sample
             if callback is not None:
                 callback("isolate", i + 1, len(remaining))
-        result.final = decode_latents(base, all_latents[:1])[0]
-        result.latents = all_latents
-    if result.layout is None:
-        result.layout = result.final
-    result.metadata = {**metadata, "missing": result.missing, "message": result.message,
-                       "detections": [d.to_json() for d in detections], "seconds": round(time.perf_counter() - started, 3)}
-    return result
+    return all_latents
+
+
+def draw_assignments(image: Image.Image, result: IsolatedResult) -> Image.Image:
+    """Boxes mode: each box in its colour with "1 dog: matched / split / added", and the mask each
+    subject was isolated with tinted in its box's colour; unused detections are outlined in grey."""
+    from PIL import ImageDraw
+
+    from .detect import PALETTE
+
+    canvas = image.convert("RGB").copy()
+    overlay = np.asarray(canvas).astype(np.float32)
+    colour_of = {a.subject: np.array(PALETTE[a.index % len(PALETTE)], dtype=np.float32) for a in result.assignments}
+    for key, mask in result.masks.items():
+        if key in colour_of and mask.shape == overlay.shape[:2]:
+            overlay[mask] = 0.55 * overlay[mask] + 0.45 * colour_of[key]
+    canvas = Image.fromarray(overlay.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    line = max(1, image.width // 200)
+    used = {a.detection for a in result.assignments}
+    for j, detection in enumerate(result.found):
+        if j not in used:
+            draw.rectangle(detection.box, outline=(128, 128, 128), width=line)
+    for a in result.assignments:
+        colour = PALETTE[a.index % len(PALETTE)]
+        draw.rectangle(a.box, outline=colour, width=line)
+        draw.text((a.box[0] + 2, a.box[1] + 1), f"{a.index + 1} {a.subject}: {a.status}", fill=colour)
+    return canvas
 
 
 def save_stages(result: IsolatedResult, folder: str | os.PathLike) -> list[Path]:
-    """layout.png, detections.png (masks and boxes drawn), mask_<label>.png and final.png."""
+    """layout.png, detections.png (masks and boxes drawn; with boxes, what became of each box),
+    mask_<label>.png and final.png."""
     from .detect import draw_detections
     from .sample import save_png
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     written = [save_png(result.layout, folder / "layout.png", {**result.metadata, "stage": "layout"})]
-    written.append(save_png(draw_detections(result.layout, result.detections), folder / "detections.png",
-                            {**result.metadata, "stage": "detections"}))
+    drawn = (draw_assignments(result.layout, result) if result.assignments
+             else draw_detections(result.layout, [d for d in result.detections if d is not None]))
+    written.append(save_png(drawn, folder / "detections.png", {**result.metadata, "stage": "detections"}))
     for label, mask in result.masks.items():
         path = folder / f"mask_{label}.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)

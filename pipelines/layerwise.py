@@ -185,7 +185,10 @@ class LayerwiseAttnProcessor:
         self.layer = layer
         self.attention = AttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 self_attention_bias=None):
+        # `self_attention_bias` is for the self-attention layers (pipelines.layout); declared so
+        # diffusers passes it on without a warning, and ignored here
         context = select_layer(encoder_hidden_states, self.layer)
         return self.attention(attn, hidden_states, context, attention_mask, temb)
 

@@ -4,7 +4,8 @@ A global prompt and negative prompt plus regions, each a box in pixels (x0, y0, 
 and a negative prompt. In every cross-attention layer at every step, pixels inside a box take the
 attention output computed against their region's layer-wise prompt (averaged where boxes
 overlap); other pixels keep the global prompt's. In the unconditional half of classifier-free
-guidance a region uses its own negative prompt. Self-attention is untouched.
+guidance a region uses its own negative prompt. Self-attention is untouched unless a layout
+control (`pipelines.layout`) bounds it between the boxes.
 
 All regions attend in one batched call per layer (queries repeated once per region, region
 contexts stacked along the batch); the global prompt attends in its own call with exactly the
@@ -159,7 +160,7 @@ class RegionalAttnProcessor:
         self.plain = LayerwiseAttnProcessor(layer)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 region_context=None, region_masks=None, region_kv=None, **kwargs):
+                 region_context=None, region_masks=None, region_kv=None, self_attention_bias=None):
         if region_context is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         batch, tokens, _ = hidden_states.shape
@@ -208,24 +209,12 @@ def _attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
 
-class SelfAttnProcessor:
-    """Plain self-attention that accepts (and ignores) the regional keyword arguments."""
-
-    def __init__(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.attention = AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 region_context=None, region_masks=None, region_kv=None, **kwargs):
-        return self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
 def install_regional_attention(unet: torch.nn.Module) -> None:
-    """RegionalAttnProcessor(l) on cross-attention layer l, SelfAttnProcessor on every attn1."""
-    for name, module in unet.named_modules():
-        if name.endswith("attn1"):
-            module.set_processor(SelfAttnProcessor())
+    """RegionalAttnProcessor(l) on cross-attention layer l; on every attn1 the bounded self-attention
+    processor, which is plain SDPA unless a step passes `self_attention_bias` (pipelines.layout)."""
+    from .layout import install_bounded_self_attention
+
+    install_bounded_self_attention(unet)
     for layer, (_, module) in enumerate(cross_attention_layers(unet)):
         module.set_processor(RegionalAttnProcessor(layer))
 

@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
+from .layout import NO_LAYOUT, LayoutControl
 from .performance import memory_plan, offloaded, on_device, unet_forward, vae_slicing
 
 SCHEDULERS = ("dpm++", "ddim", "euler")
@@ -115,10 +116,19 @@ def denoise(
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     cross_attention_kwargs: dict | None = None,
+    self_attention_bias: dict | None = None,
+    self_attention_steps: int = 0,
+    bootstrap=None,
+    bootstrap_steps: int = 0,
+    latents_callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d]).
 
     `cross_attention_kwargs` reach the attention processors (regional sampling passes its regions).
+    Layout control (`pipelines.layout`): for the first `self_attention_steps` steps the
+    self-attention layers get `self_attention_bias`; for the first `bootstrap_steps` steps
+    `bootstrap.predict` replaces the prediction inside each box with the box's own branch.
+    `latents_callback(i, latents)` sees the latents before step i (isolated sampling keeps one).
     The UNet runs compiled when `base.performance.compile` asks for it.
     """
     unet = unet_forward(base)
@@ -126,14 +136,20 @@ def denoise(
     scheduler.set_timesteps(steps, device=base.device)
     latents = latents * scheduler.init_noise_sigma
     context = torch.cat([uncond, cond]).to(base.dtype)
+    bounded_kwargs = {**(cross_attention_kwargs or {}), "self_attention_bias": self_attention_bias}
     for i, t in enumerate(scheduler.timesteps):
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling cancelled")
+        if latents_callback is not None:
+            latents_callback(i, latents)
+        kwargs = bounded_kwargs if i < self_attention_steps else cross_attention_kwargs
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         noise = unet(model_input.to(base.dtype), t, encoder_hidden_states=context,
-                     cross_attention_kwargs=cross_attention_kwargs).sample.float()
+                     cross_attention_kwargs=kwargs).sample.float()
         noise_uncond, noise_cond = noise.chunk(2)
         noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+        if i < bootstrap_steps:
+            noise = bootstrap.predict(scheduler, t, latents, noise, base.dtype)
         latents = scheduler.step(noise, t, latents).prev_sample
         if callback is not None:
             callback(i + 1, steps)
@@ -146,23 +162,27 @@ def sample_loaded(
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     regions: list | tuple = (),
+    layout: LayoutControl = NO_LAYOUT,
 ) -> list[Image.Image]:
     """Sample with whatever concepts are already loaded into `base` (optionally with regions).
 
+    `layout` (pipelines.layout) keeps the regions' subjects apart; it acts only with regions.
     Low-memory modes (`pipelines.performance`) decode one image at a time and, in "lowest", keep
     the text encoder and VAE on the CPU except while they run.
     """
     width, height = check_sample_config(config, base)
     plan = memory_plan(base, "sample")
     with offloaded(base, plan), vae_slicing(base, plan.vae_slicing):
-        return _sample_loaded(base, config, callback, cancel, regions, width, height, plan)
+        return _sample_loaded(base, config, callback, cancel, regions, width, height, plan, layout)
 
 
-def _sample_loaded(base, config, callback, cancel, regions, width, height, plan) -> list[Image.Image]:
+def _sample_loaded(base, config, callback, cancel, regions, width, height, plan, layout=NO_LAYOUT) -> list[Image.Image]:
     """`sample_loaded` once sizes are checked and the memory plan is in place."""
+    from .layout import BoxBootstrap, check_layout_control, plain_colour_latents, self_attention_biases
     from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
 
     check_regions(list(regions), width, height)
+    check_layout_control(layout)
     with torch.no_grad(), on_device(base, base.text_encoder, plan):
         cond = encode_layerwise(base.tokenizer, base.text_encoder, [config.prompt] * config.num_images)
         uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt] * config.num_images)
@@ -178,12 +198,26 @@ def _sample_loaded(base, config, callback, cancel, regions, width, height, plan)
         if regions:  # the contexts are fixed for the whole loop: project them once
             kwargs["region_kv"] = precompute_region_kv(base.unet, torch.cat([uncond, cond]).to(base.dtype), kwargs["region_context"])
     latents = initial_latents(base, config.num_images, width, height, config.seed)
+    # Layout control: bounded self-attention between the boxes and bootstrapped box branches
+    layout_steps = layout.steps(config.steps) if regions else {"self_attention": 0, "bootstrap": 0}
+    boxes = [region.box for region in regions]
+    factor = base.vae_scale_factor
+    bias = None
+    if layout_steps["self_attention"]:
+        bias = self_attention_biases(boxes, width, height, height // factor, width // factor, base.device, base.dtype)
+    bootstrap = None
+    if layout_steps["bootstrap"]:
+        with on_device(base, base.vae, plan):
+            plain = plain_colour_latents(base.vae, len(boxes), width, height, config.seed, base.dtype).to(base.device)
+        bootstrap = BoxBootstrap(unet_forward(base), boxes, kwargs["region_context"], plain, latents, width, height,
+                                 layout.centre, config.guidance)
     if regions:
         install_regional_attention(base.unet)
     else:
         install_layerwise_attention(base.unet)
     try:
-        latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel, kwargs)
+        latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel, kwargs,
+                          bias, layout_steps["self_attention"], bootstrap, layout_steps["bootstrap"])
     finally:
         install_layerwise_attention(base.unet)
     with on_device(base, base.vae, plan):
@@ -198,12 +232,14 @@ def generate(
     fused: str | os.PathLike | None = None,
     callback: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    layout: LayoutControl = NO_LAYOUT,
 ) -> SampleResult:
     """Generate images; prompts (global and regional) name concepts of `library` as `<name>`.
 
     One concept is loaded as its own ED-LoRA. Several concepts need one fused model: `fused` names a
     fused model folder, or else the concepts are fused on the fly with gradient fusion (cached in the
-    library). Regions (see `regional.Region`) turn on regionally controllable sampling.
+    library). Regions (see `regional.Region`) turn on regionally controllable sampling; `layout`
+    (`pipelines.layout.LayoutControl`) keeps the regions' subjects apart.
 
     Raises:
         UserError: bad sizes, steps or boxes, an unknown concept, or a concept from another architecture.
@@ -214,9 +250,12 @@ def generate(
     from .regional import check_regions, region_concepts, regions_metadata
 
     # 1. Check inputs, before any GPU work
+    from .layout import check_layout_control
+
     width, height = check_sample_config(config, base)
     regions = list(regions)
     check_regions(regions, width, height)
+    check_layout_control(layout)
     names: list[str] = []
     for name in concepts_in(config.prompt) + concepts_in(config.negative_prompt) + region_concepts(regions):
         if name not in names:
@@ -247,7 +286,7 @@ def generate(
     started = time.perf_counter()
     single = names[0] if fused_model is None and len(names) == 1 else None
     with merged_adapter(base.unet, single) if single else nullcontext():
-        images = sample_loaded(base, config, callback, cancel, regions)
+        images = sample_loaded(base, config, callback, cancel, regions, layout)
     metadata = {
         "app": "menagerie",
         "method": method,
@@ -255,6 +294,7 @@ def generate(
         "width": width,
         "height": height,
         "regions": regions_metadata(regions),
+        "layout": layout.to_json() if regions else None,
         "concepts": names,
         "fused": str(fused_model.folder) if fused_model else None,
         "fusion_method": fused_model.method if fused_model else None,

@@ -21,11 +21,11 @@ from pipelines.__main__ import main
 from pipelines.base import build_tiny_model, load_base
 from pipelines.concept import ConceptLibrary
 from pipelines.errors import UserError
+from pipelines.layout import BoundedSelfAttnProcessor
 from pipelines.layerwise import NUM_LAYERS, LayerwiseAttnProcessor, cross_attention_layers, install_layerwise_attention
 from pipelines.regional import (
     Region,
     RegionalAttnProcessor,
-    SelfAttnProcessor,
     box_mask,
     check_regions,
     install_regional_attention,
@@ -289,7 +289,7 @@ def test_install_regional_attention(model_dir):
     assert [m.processor.layer for _, m in cross] == list(range(NUM_LAYERS))
     assert all(isinstance(m.processor, RegionalAttnProcessor) for _, m in cross)
     self_attn = [m for n, m in base.unet.named_modules() if n.endswith("attn1")]
-    assert len(self_attn) == NUM_LAYERS and all(isinstance(m.processor, SelfAttnProcessor) for m in self_attn)
+    assert len(self_attn) == NUM_LAYERS and all(isinstance(m.processor, BoundedSelfAttnProcessor) for m in self_attn)
     install_layerwise_attention(base.unet)
     assert all(isinstance(m.processor, LayerwiseAttnProcessor) for _, m in cross)
 

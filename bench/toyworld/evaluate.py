@@ -55,11 +55,12 @@ def train_pet(base, library, pet: str, steps: int = PET_STEPS, seed: int = 0, ph
     return result
 
 
-def sample(base, library, prompt: str, count: int, seed: int = 0, regions=(), fused=None, **options) -> list[Image.Image]:
+def sample(base, library, prompt: str, count: int, seed: int = 0, regions=(), fused=None, layout=None, **options) -> list[Image.Image]:
+    from pipelines.layout import NO_LAYOUT
     from pipelines.sample import SampleConfig, generate
 
     config = SampleConfig(prompt=prompt, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed, num_images=count, **options)
-    return generate(base, library, config, regions=regions, fused=fused).images
+    return generate(base, library, config, regions=regions, fused=fused, layout=layout or NO_LAYOUT).images
 
 
 def oracle_detector(oracle: Oracle):

@@ -1,0 +1,317 @@
+"""Keeping subjects apart: one subject per box (see shared/research/layout_control.md).
+
+The failure this module fights: two boxes, one merged animal. Self-attention lets one body grow
+across both boxes, and personalised concepts pull every picture toward one big animal. The tools,
+each a small pure function or processor over the user's boxes:
+
+- **Bounded self-attention** (Dahary et al., "Be Yourself: Bounded Attention for Multi-Subject
+  T2I Generation", ECCV 2024, `_convert_boxes_to_masks` and the self-attention mask of its
+  `forward`): a query inside subject i's box never sees keys inside another subject's box; the
+  background sees everything; a pixel in two boxes belongs to both. An additive 0/-inf mask on
+  every `attn1`, in both halves of classifier-free guidance.
+- **Bootstrapping** (Bar-Tal et al., MultiDiffusion, ICML 2023, region-based `bootstrapping`):
+  during the first steps each box is denoised in its own branch with its own prompt, with the
+  latent outside the box replaced by a noised constant-colour latent, so the box starts with a
+  subject of its own; optionally the branch is shifted so the box sits in the middle of the canvas
+  (StreamMultiDiffusion's mask-centring), where the model likes to draw a lone subject.
+- **Matching detections to boxes** (our Isolated Diffusion with boxes): an optimal assignment on
+  box IoU among detections of the box's class word (never by the word alone: two dogs must work),
+  a detection spanning two boxes counts as merged, and it can be split by the boxes.
+
+Boxes are pixel boxes (x0, y0, x1, y1) as in `regional.Region`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .regional import box_mask, unet_grids
+
+Box = tuple[int, int, int, int]
+
+# A detection spans two boxes when at least this share of its mask lies in each (the same rule
+# the toy-world oracle uses for "merged").
+SPAN_SHARE = 0.2
+# A detection is accepted for a box when their IoU reaches this, or when its centre lies in the box
+# (a user's box is often much larger than the animal drawn in it, so IoU alone rejects good matches).
+MIN_IOU = 0.3
+
+
+@dataclass(frozen=True)
+class LayoutControl:
+    """How sampling keeps subjects apart; every setting is a share of the denoising steps, from the start.
+
+    All zero is Mix-of-Show's regional sampler exactly as before. Measured defaults are in
+    `DEFAULT_LAYOUT` (docs/toyworld.md has the table they come from).
+    """
+
+    self_attention: float = 0.0  # steps with bounded self-attention masks between subjects' boxes
+    bootstrap: float = 0.0  # steps with each box denoised in its own bootstrapped branch
+    centre: bool = True  # bootstrapped branches are shifted so the box sits in the middle of the canvas
+
+    def steps(self, total: int) -> dict[str, int]:
+        """Each share as a number of steps of a `total`-step schedule (rounded, at least 1 if on)."""
+        def count(share: float) -> int:
+            return 0 if share <= 0 else max(1, min(total, round(share * total)))
+        return {"self_attention": count(self.self_attention), "bootstrap": count(self.bootstrap)}
+
+    def is_off(self) -> bool:
+        return self.self_attention <= 0 and self.bootstrap <= 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+NO_LAYOUT = LayoutControl()
+
+
+def check_layout_control(control: LayoutControl) -> None:
+    for name in ("self_attention", "bootstrap"):
+        value = getattr(control, name)
+        if not 0 <= value <= 1:
+            raise UserError(f"layout setting {name.replace('_', '-')} {value} must be a share of the steps between 0 and 1")
+
+
+def parse_box(text: str) -> Box:
+    """'x0,y0,x1,y1' (pixels) -> a box; the canvas check comes later, with the image size."""
+    try:
+        box = tuple(int(round(float(v))) for v in text.split(","))
+    except (ValueError, OverflowError):
+        raise UserError(f"--box {text!r} must be four numbers x0,y0,x1,y1 in pixels") from None
+    if len(box) != 4:
+        raise UserError(f"--box {text!r} must be four numbers x0,y0,x1,y1 in pixels")
+    return box
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded self-attention
+
+
+def subject_token_masks(boxes: list[Box], width: int, height: int, latent_h: int, latent_w: int) -> dict[int, torch.Tensor]:
+    """Token count of each UNet level -> `[S, tokens]` bool: which tokens lie in each subject's box."""
+    masks = {}
+    for grid_h, grid_w in unet_grids(latent_h, latent_w):
+        masks[grid_h * grid_w] = torch.stack([box_mask(box, width, height, grid_w, grid_h).flatten() for box in boxes])
+    return masks
+
+
+def bounded_self_attention_bias(subject_masks: torch.Tensor) -> torch.Tensor:
+    """`[S, N]` bool subject masks -> `[N, N]` additive bias: -inf where query q may not see key k.
+
+    Blocked: q and k both lie in subjects' boxes and share none (Bounded Attention's self mask).
+    The background (no box) sees and is seen by everything, so no row is ever fully blocked.
+    """
+    masks = subject_masks.float()
+    share = (masks.T @ masks) > 0  # [N, N]: q and k lie in a common box
+    in_subject = subject_masks.any(0)  # [N]
+    blocked = in_subject[:, None] & in_subject[None, :] & ~share
+    bias = torch.zeros(blocked.shape)
+    bias[blocked] = float("-inf")
+    return bias
+
+
+def self_attention_biases(boxes: list[Box], width: int, height: int, latent_h: int, latent_w: int,
+                          device=None, dtype=torch.float32) -> dict[int, torch.Tensor]:
+    """{tokens: `[N, N]` bias} for every UNet level, ready for `BoundedSelfAttnProcessor`."""
+    return {tokens: bounded_self_attention_bias(masks).to(device, dtype)
+            for tokens, masks in subject_token_masks(boxes, width, height, latent_h, latent_w).items()}
+
+
+class BoundedSelfAttnProcessor:
+    """Self-attention (attn1) with an optional additive mask per token count, else plain SDPA.
+
+    Call-time input through `cross_attention_kwargs`: `self_attention_bias` {tokens: [N, N]}
+    (from `self_attention_biases`), or None to run exactly as `AttnProcessor2_0`.
+    The other keyword arguments belong to the cross-attention processors and are ignored here.
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.plain = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 region_context=None, region_masks=None, region_kv=None, self_attention_bias=None):
+        bias = None if self_attention_bias is None else self_attention_bias.get(hidden_states.shape[1])
+        if bias is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch, tokens, channels = hidden_states.shape
+        head_dim = channels // attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, head_dim]
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=bias.to(query.dtype))
+        out = out.transpose(1, 2).reshape(batch, tokens, channels).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def install_bounded_self_attention(unet: torch.nn.Module) -> None:
+    """BoundedSelfAttnProcessor on every self-attention layer (it is plain SDPA until given a bias)."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            module.set_processor(BoundedSelfAttnProcessor())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrapping (MultiDiffusion)
+
+
+def centring_shift(box: Box, width: int, height: int, latent_h: int, latent_w: int) -> tuple[int, int]:
+    """Latent rows and columns to roll by so that the box's centre lands on the canvas centre."""
+    factor_h, factor_w = height / latent_h, width / latent_w
+    centre_y = (box[1] + box[3]) / 2 / factor_h
+    centre_x = (box[0] + box[2]) / 2 / factor_w
+    return int(round(latent_h / 2 - centre_y)), int(round(latent_w / 2 - centre_x))
+
+
+def bootstrap_latent(latent: torch.Tensor, mask: torch.Tensor, noised_background: torch.Tensor) -> torch.Tensor:
+    """MultiDiffusion's bootstrap: the latent inside the box, a noised plain latent outside.
+
+    latent, noised_background: [B, C, h, w]; mask: [1, 1, h, w] of 0/1.
+    """
+    return latent * mask + noised_background * (1 - mask)
+
+
+def mix_box_predictions(eps: torch.Tensor, eps_boxes: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Inside each box its own branch's prediction (the mean where boxes overlap), elsewhere `eps`."""
+    summed = torch.zeros_like(eps)
+    cover = torch.zeros_like(eps[:, :1])
+    for eps_box, mask in zip(eps_boxes, masks):
+        summed = summed + eps_box * mask
+        cover = cover + mask
+    return torch.where(cover > 0, summed / cover.clamp(min=1), eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching detections to boxes (Isolated Diffusion with boxes)
+
+
+def box_iou(a: Box | tuple[float, ...], b: Box | tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def centre_inside(detection_box, box: Box) -> bool:
+    cx, cy = (detection_box[0] + detection_box[2]) / 2, (detection_box[1] + detection_box[3]) / 2
+    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+
+
+def match_detections_to_boxes(detection_boxes: list, detection_labels: list[str], boxes: list[Box],
+                              box_labels: list[str], min_iou: float = MIN_IOU) -> list[int | None]:
+    """For each box, the index of its detection or None: an optimal assignment on IoU.
+
+    A detection may go to a box only if it carries the box's class word and either their IoU
+    reaches `min_iou` or its centre lies in the box. Among those, the assignment maximises the
+    total IoU (Hungarian, `scipy.optimize.linear_sum_assignment`), so two dogs go to the two dog
+    boxes by where they are, not by which scored higher.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if not boxes or not detection_boxes:
+        return [None] * len(boxes)
+    forbidden = 1e6
+    cost = np.full((len(boxes), len(detection_boxes)), forbidden)
+    for i, (box, label) in enumerate(zip(boxes, box_labels)):
+        for j, (found, found_label) in enumerate(zip(detection_boxes, detection_labels)):
+            iou = box_iou(box, found)
+            if found_label == label and (iou >= min_iou or centre_inside(found, box)):
+                cost[i, j] = 1.0 - iou
+    rows, cols = linear_sum_assignment(cost)
+    matched: list[int | None] = [None] * len(boxes)
+    for i, j in zip(rows, cols):
+        if cost[i, j] < forbidden:
+            matched[i] = int(j)
+    return matched
+
+
+def boxes_spanned(mask: np.ndarray, boxes: list[Box], share: float = SPAN_SHARE) -> list[int]:
+    """Indices of the boxes holding at least `share` of the mask's pixels (two or more: merged)."""
+    total = mask.sum()
+    if total == 0:
+        return []
+    return [i for i, (x0, y0, x1, y1) in enumerate(boxes) if mask[y0:y1, x0:x1].sum() >= share * total]
+
+
+def split_mask_by_boxes(mask: np.ndarray, boxes: list[Box]) -> list[np.ndarray]:
+    """One part of `mask` per box: the mask's pixels inside that box, overlaps to the nearer box centre.
+
+    Pixels of the mask outside every box are dropped (they belong to no subject).
+    """
+    height, width = mask.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    distance = np.stack([((xs + 0.5 - (b[0] + b[2]) / 2) ** 2 + (ys + 0.5 - (b[1] + b[3]) / 2) ** 2) for b in boxes])
+    inside = np.stack([box_pixels(b, width, height) for b in boxes])
+    distance[~inside] = np.inf
+    owner = distance.argmin(0)
+    covered = inside.any(0)
+    return [mask & covered & (owner == i) for i in range(len(boxes))]
+
+
+def box_pixels(box: Box, width: int, height: int) -> np.ndarray:
+    """A pixel box as a bool `[height, width]` mask."""
+    mask = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = box
+    mask[max(0, y0):min(height, y1), max(0, x0):min(width, x1)] = True
+    return mask
+
+
+class BoxBootstrap:
+    """MultiDiffusion's bootstrapping for the first steps of regional sampling, one branch per box.
+
+    At each of its steps, box i's branch sees the current latent inside box i and, outside it, the
+    latent of a plain colour noised to the current time with the initial noise (`bootstrap_latent`);
+    with `centre`, the branch is rolled so the box sits in the middle of the canvas. All branches
+    run in one UNet call with their own prompts (`contexts`, CFG order [negative x n, prompt x n])
+    and no regions, and inside box i the branch's prediction replaces the main one.
+    """
+
+    def __init__(self, unet, boxes: list[Box], contexts: torch.Tensor, plain_latents: torch.Tensor,
+                 initial_noise: torch.Tensor, width: int, height: int, centre: bool, guidance: float):
+        latent_h, latent_w = initial_noise.shape[-2:]
+        self.unet = unet
+        self.contexts = contexts  # [R, 2n, L, d]
+        self.plain_latents = plain_latents  # [R, 1, C, h, w]: VAE latents of plain colours
+        self.initial_noise = initial_noise  # [n, C, h, w]
+        self.masks = [box_mask(box, width, height, latent_w, latent_h).float()[None, None].to(initial_noise.device)
+                      for box in boxes]
+        self.shifts = [centring_shift(box, width, height, latent_h, latent_w) if centre else (0, 0) for box in boxes]
+        self.guidance = guidance
+
+    def predict(self, scheduler, t, latents: torch.Tensor, eps: torch.Tensor, dtype) -> torch.Tensor:
+        """The guided prediction `eps` with each box's own branch prediction inside the box."""
+        count = latents.shape[0]
+        branch_inputs = []
+        for mask, plain, shift in zip(self.masks, self.plain_latents, self.shifts):
+            noised = scheduler.add_noise(plain.expand_as(latents), self.initial_noise, t.reshape(1))
+            branch = torch.roll(bootstrap_latent(latents, mask, noised), shift, dims=(2, 3))
+            branch_inputs.append(torch.cat([branch, branch]))  # CFG halves
+        model_input = scheduler.scale_model_input(torch.cat(branch_inputs), t)
+        context = self.contexts.flatten(0, 1)  # [R * 2n, L, d], same row order as model_input
+        out = self.unet(model_input.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+        eps_boxes = []
+        for r, shift in enumerate(self.shifts):
+            uncond, cond = out[2 * count * r: 2 * count * (r + 1)].chunk(2)
+            guided = uncond + self.guidance * (cond - uncond)
+            eps_boxes.append(torch.roll(guided, (-shift[0], -shift[1]), dims=(2, 3)))
+        return mix_box_predictions(eps, eps_boxes, self.masks)
+
+
+def plain_colour_latents(vae, count: int, width: int, height: int, seed: int, dtype) -> torch.Tensor:
+    """`[count, 1, C, h, w]`: VAE latents of random plain-colour images (MultiDiffusion's bootstrap)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    colours = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
+    pixels = colours.expand(count, 3, height, width).to(vae.device, dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+    return latents[:, None]
