@@ -42,7 +42,7 @@ from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobStat
 from pipelines.layerwise import concepts_in
 from pipelines.regional import Region
 from pipelines.sample import SampleConfig, generate, read_png_metadata, save_png
-from pipelines.train import TrainConfig, check_train_config, load_training_set, train_concept
+from pipelines.train import TrainConfig, check_train_config, load_training_set, parse_companions, train_concept
 
 REGIONAL = "Regional (Mix-of-Show)"
 ISOLATED = "Isolated (detector-guided)"
@@ -699,6 +699,11 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
                     preview_every = gr.Number(label="Preview every N steps (0: about five per run)", value=0, precision=0, minimum=0)
                     overwrite = gr.Checkbox(label="Replace a concept of the same name")
                     resume = gr.Checkbox(label="Continue from the last checkpoint (after a cancel)")
+                with gr.Row():  # concepts that share the frame (issue 12)
+                    attn_reg_weight = gr.Number(label="Attention regulariser weight (acts with masks; 0: off)", value=0.01, minimum=0)
+                    multi_subject_probability = gr.Number(label="Chance of a two-animal composite", value=0.0, minimum=0, maximum=1)
+                    prior_probability = gr.Number(label="Chance of a two-animal prior scene", value=0.0, minimum=0, maximum=1)
+                    companions = gr.Textbox(label="Companion animals (comma-separated)", value="dog, cat")
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel training", elem_id="cancel-button")
@@ -722,7 +727,8 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
     library_status = gr.Markdown(elem_id="library-status")
 
     form = {photos, name, class_word, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
-            lr_unet_lora, seed, preview_every, overwrite, resume}
+            lr_unet_lora, seed, preview_every, overwrite, resume, attn_reg_weight, multi_subject_probability,
+            prior_probability, companions}
 
     def on_train(values: dict) -> str:
         try:
@@ -730,7 +736,9 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
                 name=values[name].strip(), class_word=values[class_word].strip(), steps=int(values[steps]) or None,
                 batch_size=int(values[batch_size]), resolution=int(values[resolution]) or None, rank=int(values[rank]),
                 lr_embedding=float(values[lr_embedding]), lr_text_lora=float(values[lr_text_lora]),
-                lr_unet_lora=float(values[lr_unet_lora]), seed=int(values[seed]), preview_every=int(values[preview_every]))
+                lr_unet_lora=float(values[lr_unet_lora]), seed=int(values[seed]), preview_every=int(values[preview_every]),
+                attn_reg_weight=float(values[attn_reg_weight]), multi_subject_probability=float(values[multi_subject_probability]),
+                prior_probability=float(values[prior_probability]), companions=parse_companions(values[companions] or ""))
             state = studio.submit_training(values[photos] or [], config, values[auto_mask], values[overwrite], values[resume])
         except UserError as error:
             return warn(error)

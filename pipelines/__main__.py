@@ -72,7 +72,9 @@ def cmd_train(args) -> None:
     from .concept import ConceptLibrary, check_name
     from .errors import UserError
     from .performance import world
-    from .train import TrainConfig, check_train_config, find_masks, find_photos, load_training_set, train_concept
+    from .train import (
+        TrainConfig, check_train_config, find_masks, find_photos, load_training_set, parse_companions, train_concept,
+    )
 
     # 1. Check everything that needs no model
     library = ConceptLibrary(args.library)
@@ -101,7 +103,9 @@ def cmd_train(args) -> None:
         name=args.name, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
         resolution=args.resolution, rank=args.rank, lr_embedding=args.lr_embedding,
         lr_text_lora=args.lr_text_lora, lr_unet_lora=args.lr_unet_lora, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, attn_reg_weight=args.attn_reg_weight,
+        multi_subject_probability=args.multi_subject_probability, prior_probability=args.prior_probability,
+        companions=parse_companions(args.companions),
     )
 
     check_train_config(config, len(photos))  # bad settings fail before the model loads
@@ -162,12 +166,15 @@ def cmd_isolate(args) -> None:
     from .concept import ConceptLibrary
     from .errors import UserError
     from .isolated import IsolateConfig, isolate, parse_subject, save_stages
+    from .layout import parse_box
     from .sample import save_png
 
     config = IsolateConfig(
         prompt=args.prompt, subjects=tuple(parse_subject(s) for s in args.subject or []), attachments=tuple(args.attachment or []),
         negative_prompt=args.negative_prompt, t_lay=args.t_lay, steps=args.steps, guidance=args.guidance, seed=args.seed,
         width=args.width, height=args.height, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        boxes=tuple(parse_box(b) for b in args.box or []), layout_self_attention=args.layout_self_attention,
+        layout_retries=args.layout_retries, added_bootstrap=args.added_bootstrap,
     )
     if Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out {args.out!r} must be a .png file")
@@ -299,6 +306,7 @@ def cmd_generate(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .base import DEFAULT_BASE, DTYPES
+    from .isolated import IsolateConfig as IsolateDefaults
 
     parser = argparse.ArgumentParser(prog="python -m pipelines", description="Menagerie: your own pets, together in one picture.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this concept")
     p.add_argument("--overwrite", action="store_true", help="replace a concept of the same name")
     p.add_argument("--auto-mask", action="store_true", help="find the subject in each photo (Grounding DINO + SAM) for the masked loss")
+    p.add_argument("--attn-reg-weight", type=float, default=0.01,
+                   help="weight of Mix-of-Show's cross-attention regulariser, which keeps the concept's attention on the"
+                        " subject; acts only with --masks or --auto-mask (default 0.01, 0: off)")
+    p.add_argument("--multi-subject-probability", type=float, default=0.0,
+                   help="chance a training example shows the pet beside another animal drawn by the base model (MuDI Seg-Mix; default 0)")
+    p.add_argument("--prior-probability", type=float, default=0.0,
+                   help="chance a training example is a two-animal scene drawn by the base model, with no concept (default 0)")
+    p.add_argument("--companions", default="dog,cat",
+                   help="comma-separated animals for those examples; the class word is always added (default dog,cat)")
     detector_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -435,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--box-threshold", type=float, default=0.35)
     p.add_argument("--text-threshold", type=float, default=0.25)
+    p.add_argument("--box", action="append",
+                   help="'x0,y0,x1,y1' in pixels: where the subject of the same position goes; give one per --subject, in"
+                        " order (detections are matched to boxes by position, missed subjects are added in their box)")
+    p.add_argument("--layout-self-attention", type=float, default=IsolateDefaults.layout_self_attention,
+                   help="with --box: share of layout steps in which subjects' boxes do not attend to each other")
+    p.add_argument("--layout-retries", type=int, default=IsolateDefaults.layout_retries,
+                   help="with --box: re-sample the layout (next seed) this many times while boxes merge or are missed")
+    p.add_argument("--added-bootstrap", type=float, default=IsolateDefaults.added_bootstrap,
+                   help="with --box: share of branch steps a subject added in its box is bootstrapped there")
     p.set_defaults(func=cmd_isolate)
 
     p = sub.add_parser("fuse", help="fuse several concepts into one model (Mix-of-Show gradient fusion, solved in closed form)")

@@ -120,6 +120,8 @@ def denoise(
     self_attention_steps: int = 0,
     bootstrap=None,
     bootstrap_steps: int = 0,
+    guide=None,
+    guidance_steps: int = 0,
     latents_callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d]).
@@ -128,7 +130,8 @@ def denoise(
     Layout control (`pipelines.layout`): for the first `self_attention_steps` steps the
     self-attention layers get `self_attention_bias`; for the first `bootstrap_steps` steps
     `bootstrap.predict` replaces the prediction inside each box with the box's own branch.
-    `latents_callback(i, latents)` sees the latents before step i (isolated sampling keeps one).
+    For the first `guidance_steps` steps `guide.update` first moves the latents along Bounded
+    Attention's loss. `latents_callback(i, latents)` sees the latents before step i (isolated sampling keeps one).
     The UNet runs compiled when `base.performance.compile` asks for it.
     """
     unet = unet_forward(base)
@@ -140,6 +143,8 @@ def denoise(
     for i, t in enumerate(scheduler.timesteps):
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling cancelled")
+        if i < guidance_steps:
+            latents = guide.update(i, scheduler, t, latents, base.dtype)
         if latents_callback is not None:
             latents_callback(i, latents)
         kwargs = bounded_kwargs if i < self_attention_steps else cross_attention_kwargs
@@ -178,7 +183,9 @@ def sample_loaded(
 
 def _sample_loaded(base, config, callback, cancel, regions, width, height, plan, layout=NO_LAYOUT) -> list[Image.Image]:
     """`sample_loaded` once sizes are checked and the memory plan is in place."""
-    from .layout import BoxBootstrap, check_layout_control, plain_colour_latents, self_attention_biases
+    from .layerwise import cross_attention_layers, known_concepts
+    from .layout import (BoundedGuidance, BoxBootstrap, check_layout_control, cond_half_kwargs, plain_colour_latents,
+                         self_attention_biases, subject_token_masks, subject_word_positions)
     from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
 
     check_regions(list(regions), width, height)
@@ -199,7 +206,7 @@ def _sample_loaded(base, config, callback, cancel, regions, width, height, plan,
             kwargs["region_kv"] = precompute_region_kv(base.unet, torch.cat([uncond, cond]).to(base.dtype), kwargs["region_context"])
     latents = initial_latents(base, config.num_images, width, height, config.seed)
     # Layout control: bounded self-attention between the boxes and bootstrapped box branches
-    layout_steps = layout.steps(config.steps) if regions else {"self_attention": 0, "bootstrap": 0}
+    layout_steps = layout.steps(config.steps) if regions else {"self_attention": 0, "bootstrap": 0, "guidance": 0}
     boxes = [region.box for region in regions]
     factor = base.vae_scale_factor
     bias = None
@@ -211,13 +218,24 @@ def _sample_loaded(base, config, callback, cancel, regions, width, height, plan,
             plain = plain_colour_latents(base.vae, len(boxes), width, height, config.seed, base.dtype).to(base.device)
         bootstrap = BoxBootstrap(unet_forward(base), boxes, kwargs["region_context"], plain, latents, width, height,
                                  layout.centre, config.guidance)
+    guide = None
+    if layout_steps["guidance"]:
+        known = set(known_concepts(base.text_encoder))
+        guide_kwargs = cond_half_kwargs(kwargs, config.num_images)
+        if bias is not None:
+            guide_kwargs["self_attention_bias"] = bias
+        guide = BoundedGuidance(
+            base.unet, {module: layer for layer, (_, module) in enumerate(cross_attention_layers(base.unet))},
+            cond.to(base.dtype), guide_kwargs, [subject_word_positions(base.tokenizer, r.prompt, known) for r in regions],
+            {n: m.to(base.device) for n, m in subject_token_masks(boxes, width, height, height // factor, width // factor).items()},
+            layout.guidance_iterations, layout_steps["guidance"])
     if regions:
         install_regional_attention(base.unet)
     else:
         install_layerwise_attention(base.unet)
     try:
         latents = denoise(base, latents, cond, uncond, config.steps, config.guidance, config.scheduler, callback, cancel, kwargs,
-                          bias, layout_steps["self_attention"], bootstrap, layout_steps["bootstrap"])
+                          bias, layout_steps["self_attention"], bootstrap, layout_steps["bootstrap"], guide, layout_steps["guidance"])
     finally:
         install_layerwise_attention(base.unet)
     with on_device(base, base.vae, plan):

@@ -10,6 +10,12 @@ augmented canvas) and normalised by its sum; embeddings frozen once their mean n
 Data: crop-and-paste augmentation (Mix-of-Show's HumanResizeCropFinalV3) and object prompt
 templates. Steps default to 500 examples per photo, Mix-of-Show's `dataset_enlarge_ratio`.
 
+Concepts that share the frame (close-ups of one animal otherwise teach "one big animal"): with
+subject masks, Mix-of-Show's cross-attention regulariser keeps the two concept words' attention on
+the subject; optional two-subject composites (MuDI's Seg-Mix) put the pet beside another animal the
+base model drew, and optional prior scenes of two animals, also drawn by the base model, keep
+"a dog and a cat" meaning two animals.
+
 Frozen weights stay in the base's dtype (half precision on GPUs); only trainable tensors are fp32.
 All randomness comes from `seed` through one Python RNG and one torch generator, both saved in
 checkpoints, so a resumed run equals an uninterrupted one.
@@ -30,7 +36,10 @@ import random
 import threading
 import time
 import warnings
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from itertools import combinations_with_replacement
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +59,16 @@ from .edlora import (
     set_active_adapters,
 )
 from .errors import Cancelled, UserError
-from .layerwise import NUM_LAYERS, add_concept_tokens, encode_layerwise, install_layerwise_attention
+from .layerwise import (
+    NUM_LAYERS,
+    add_concept_tokens,
+    concepts_in,
+    cross_attention_layers,
+    encode_layerwise,
+    expand_prompt,
+    install_layerwise_attention,
+    select_layer,
+)
 from .performance import average_gradients, gradient_checkpointing, init_distributed, make_adamw, memory_plan, unet_forward
 from .sample import SampleConfig, sample_loaded
 
@@ -68,6 +86,9 @@ OBJECT_TEMPLATES = (
 )
 EXAMPLES_PER_PHOTO = 500  # Mix-of-Show's dataset_enlarge_ratio
 CHECKPOINT_FILE = "checkpoint.pt"
+COMPANION_SAMPLE_STEPS = 20  # DPM-Solver++ steps of each companion / prior scene sample
+MAX_BASE_SAMPLES = 64  # companion_images and prior_images at most (sample_loaded's num_images limit)
+COMPOSITE_SCALE = (0.75, 1.0)  # MuDI Seg-Mix: each subject at U(0.75, 1) x the fit of its half
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,13 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (0: none); also written on cancel
     preview_every: int = 0  # steps between preview samples sent to the callback (0: none)
     preview_steps: int = 20  # denoising steps of a preview sample
+    # Concepts that share the frame (see the module docstring)
+    attn_reg_weight: float = 0.01  # Mix-of-Show's cross-attention regulariser; acts only with subject masks
+    multi_subject_probability: float = 0.0  # chance an example is a two-subject composite (MuDI Seg-Mix)
+    companions: tuple[str, ...] = ("dog", "cat")  # other animals for composites and prior scenes (+ the class word)
+    companion_images: int = 8  # one-animal base-model samples made at the start, for composites
+    prior_probability: float = 0.0  # chance an example is a two-animal prior scene (no concept)
+    prior_images: int = 8  # two-animal base-model samples made at the start, for prior scenes
 
 
 @dataclass
@@ -242,17 +270,134 @@ def resize_crop_paste(image: Image.Image, mask: Image.Image | None, size: int, c
 def to_tensors(canvas: Image.Image, loss_mask: Image.Image, latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels in [-1, 1] `[3, S, S]` and the loss mask nearest-downsampled to `[1, s, s]`."""
     pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    mask = torch.from_numpy((np.asarray(loss_mask.resize((latent_size, latent_size), Image.NEAREST)) > 127).astype(np.float32))
-    return pixels, mask[None]
+    return pixels, downsample_mask(loss_mask, latent_size)
+
+
+def downsample_mask(mask: Image.Image, latent_size: int) -> torch.Tensor:
+    """A 0/1 `[1, s, s]` tensor of a white-on-black mask, nearest-downsampled to the latent size."""
+    return torch.from_numpy((np.asarray(mask.resize((latent_size, latent_size), Image.NEAREST)) > 127).astype(np.float32))[None]
 
 
 def caption(name: str, rng: random.Random) -> str:
     return rng.choice(OBJECT_TEMPLATES).format(f"<{name}>")
 
 
+def paste_in_half(canvas: Image.Image, tile: Image.Image, cut: Image.Image, left: bool, rng: random.Random) -> Image.Image:
+    """Paste `tile`'s pixels under `cut` (white) into the left or right half of `canvas`, in place.
+
+    The tile is scaled to U(0.75, 1) x the largest size that fits the half, aspect kept, and placed
+    at a random position inside the half (MuDI Seg-Mix, arXiv 2404.04243). Returns the pasted cut
+    as a mask of the whole canvas.
+    """
+    size = canvas.size[0]
+    half_left, half_width = (0, size // 2) if left else (size // 2, size - size // 2)
+    w, h = tile.size
+    scale = min(half_width / w, size / h) * rng.uniform(*COMPOSITE_SCALE)
+    w, h = min(half_width, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+    tile, cut = tile.resize((w, h), Image.BICUBIC), cut.resize((w, h), Image.NEAREST)
+    x, y = half_left + rng.randint(0, half_width - w), rng.randint(0, size - h)
+    canvas.paste(tile, (x, y), cut)
+    pasted = Image.new("L", canvas.size)
+    pasted.paste(cut, (x, y))
+    return pasted
+
+
+def make_composite(pet: Image.Image, pet_cut: Image.Image, companion: Image.Image, size: int, rng: random.Random):
+    """A two-subject training view, MuDI's Seg-Mix (arXiv 2404.04243) on a black `size` canvas.
+
+    The pet (the pixels of `pet` under its cut mask `pet_cut`, cropped to the cut's bounding box:
+    a segmented subject, or the whole photo tile when the cut is its pasted area) goes into a
+    random half; the companion (a whole image) goes into the other. Each is scaled to U(0.75, 1) x
+    the fit of its half and placed at random inside it. Returns (canvas, the pet's mask on the
+    canvas, whether the pet is on the left).
+    """
+    box = pet_cut.getbbox()
+    if box is None:
+        raise ValueError("the pet's cut mask is empty")
+    pet_on_left = rng.random() < 0.5
+    canvas = Image.new("RGB", (size, size))
+    pet_area = paste_in_half(canvas, pet.crop(box), pet_cut.crop(box), pet_on_left, rng)
+    paste_in_half(canvas, companion, Image.new("L", companion.size, 255), not pet_on_left, rng)
+    return canvas, pet_area, pet_on_left
+
+
+def composite_caption(name: str, companion_word: str, pet_on_left: bool, rng: random.Random) -> str:
+    """An object template naming both subjects left to right: "a photo of a <rex> and a cat"."""
+    pair = f"<{name}> and a {companion_word}" if pet_on_left else f"{companion_word} and a <{name}>"
+    return rng.choice(OBJECT_TEMPLATES).format(pair)
+
+
 def default_steps(photo_count: int, batch_size: int) -> int:
     """Mix-of-Show's schedule: 500 examples per photo (e.g. 5 photos at batch 2: 1250 steps)."""
     return math.ceil(EXAMPLES_PER_PHOTO * photo_count / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Companions and prior scenes, drawn by the base model itself
+
+
+def companion_words(config: TrainConfig) -> tuple[str, ...]:
+    """The companions plus the concept's own class word (so same-class pairs are covered), once each."""
+    return tuple(dict.fromkeys((*config.companions, config.class_word)))
+
+
+def companion_prompts(words: tuple[str, ...], count: int) -> list[tuple[str, str]]:
+    """`count` (word, prompt) pairs, "a photo of a {word}", cycling through the words."""
+    return [(words[i % len(words)], f"a photo of a {words[i % len(words)]}") for i in range(count)]
+
+
+def prior_scene_prompts(words: tuple[str, ...], count: int) -> list[str]:
+    """`count` two-animal prompts "a photo of a {w1} and a {w2}", cycling through every pair of
+    words, same-class pairs included ("a photo of a dog and a dog")."""
+    pairs = list(combinations_with_replacement(words, 2))
+    return [f"a photo of a {pairs[i % len(pairs)][0]} and a {pairs[i % len(pairs)][1]}" for i in range(count)]
+
+
+def sample_prompts(base: BaseModel, prompts: list[str], resolution: int, seed: int) -> list[Image.Image]:
+    """One base-model sample per prompt, in order; equal prompts are sampled as one batch.
+
+    Whatever LoRA adapters are in `base` must be disabled by the caller: these are the base
+    model's own pictures.
+    """
+    images: list[Image.Image | None] = [None] * len(prompts)
+    for offset, prompt in enumerate(dict.fromkeys(prompts)):
+        places = [i for i, p in enumerate(prompts) if p == prompt]
+        sample = SampleConfig(prompt=prompt, steps=COMPANION_SAMPLE_STEPS, seed=seed + offset, width=resolution,
+                              height=resolution, num_images=len(places))
+        for place, image in zip(places, sample_loaded(base, sample)):
+            images[place] = image
+    return images
+
+
+def sample_companions(base: BaseModel, config: TrainConfig, resolution: int):
+    """The base model's companions (word, image) and prior scenes (caption, image) for `config`.
+
+    Made once at the start of training, before the concept exists, with every adapter off. Only
+    what the config uses is made (composites need companions, prior scenes need scenes).
+    """
+    words = companion_words(config)
+    for model in (base.text_encoder, base.unet):
+        set_active_adapters(model, [])  # concepts loaded earlier must not draw the companions
+    companions: list[tuple[str, Image.Image]] = []
+    prior_scenes: list[tuple[str, Image.Image]] = []
+    if config.multi_subject_probability > 0:
+        pairs = companion_prompts(words, config.companion_images)
+        images = sample_prompts(base, [prompt for _, prompt in pairs], resolution, config.seed)
+        companions = [(word, image) for (word, _), image in zip(pairs, images)]
+    if config.prior_probability > 0:
+        prompts = prior_scene_prompts(words, config.prior_images)
+        prior_scenes = list(zip(prompts, sample_prompts(base, prompts, resolution, config.seed)))
+    logger.info("sampled %d companions and %d prior scenes with the base model", len(companions), len(prior_scenes))
+    return companions, prior_scenes
+
+
+def _images_to_state(pairs: list[tuple[str, Image.Image]]) -> list[tuple[str, torch.Tensor]]:
+    """Labelled images as uint8 tensors for a checkpoint (resuming must not resample them)."""
+    return [(label, torch.from_numpy(np.array(image, dtype=np.uint8))) for label, image in pairs]
+
+
+def _images_from_state(state: list[tuple[str, torch.Tensor]]) -> list[tuple[str, Image.Image]]:
+    return [(label, Image.fromarray(pixels.numpy())) for label, pixels in state]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +413,52 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return ((per_pixel * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1.0)).mean()
 
 
+def attention_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) grid of an attention layer with `tokens` spatial tokens over an `height` x `width` latent."""
+    factor = math.sqrt(height * width / tokens)  # the layer's downsampling from the latent
+    h, w = round(height / factor), round(width / factor)
+    if h * w != tokens:
+        raise ValueError(f"{tokens} attention tokens do not tile a {height}x{width} latent")
+    return h, w
+
+
+def attention_regulariser(maps: dict[int, torch.Tensor], subject_masks: torch.Tensor, weight: float) -> torch.Tensor:
+    """Mix-of-Show's cross-attention regulariser (`trainer_edlora.py::cal_attn_reg`, reg_full_identity false).
+
+    maps: spatial token count -> `[B, 2, N]` attention of (V_rand, V_class), averaged over heads and
+    over the layers of that resolution; subject_masks: `[B, 1, h, w]` of 0/1 at the latent size.
+    Per resolution each map is divided by its max and penalised by its mean outside the subject mask
+    (resized by area average, then > 0.5): weight * (L_rand + L_class), summed over resolutions.
+    Examples whose mask covers everything (no subject mask, no concept) or nothing (cropped away)
+    at a resolution are skipped there; Mix-of-Show skips a NaN loss. Unlike Mix-of-Show, which divides
+    by the batch's max and pools pixels over the batch, each example's maps are normalised by their
+    own max and averaged per example, so one example cannot scale another's penalty.
+    """
+    total = subject_masks.new_zeros((), dtype=torch.float32)
+    height, width = subject_masks.shape[-2:]
+    for tokens, word_maps in maps.items():
+        grid = attention_grid(tokens, height, width)
+        inside = F.interpolate(subject_masks.float(), size=grid, mode="area").flatten(1) > 0.5  # [B, N]
+        outside = (~inside).float()
+        counted = (outside.sum(1) > 0) & (inside.sum(1) > 0)
+        if not counted.any():
+            continue
+        word_maps = word_maps.float()
+        word_maps = word_maps / word_maps.amax(dim=-1, keepdim=True).clamp(min=1e-12)  # each map by its max
+        mean_outside = (word_maps * outside[:, None]).sum(-1) / outside.sum(1).clamp(min=1)[:, None]  # [B, 2]
+        total = total + weight * mean_outside[counted].sum(-1).mean()  # L_rand + L_class
+    return total
+
+
+def concept_token_positions(tokenizer, prompts: list[str], name: str) -> torch.Tensor:
+    """`[B, 2]` positions of V_rand and V_class in each prompt's token ids, -1 where the prompt does not
+    name the concept. Copy 0 is used: each layer-wise copy has its tokens at the same positions."""
+    wanted = tokenizer.convert_tokens_to_ids([f"<{name}-r0>", f"<{name}-c0>"])
+    texts = [expand_prompt(p, 0, {name}) if name in concepts_in(p) else p for p in prompts]
+    rows = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return torch.tensor([[ids.index(t) if t in ids else -1 for t in wanted] for ids in rows], dtype=torch.long)
+
+
 def embedding_norm(vectors: torch.Tensor) -> float:
     """Mean L2 norm of a concept's 32 layer-wise vectors ([2, 16, d])."""
     return mean_norm(vectors).item()
@@ -276,6 +467,86 @@ def embedding_norm(vectors: torch.Tensor) -> float:
 def mean_norm(vectors: torch.Tensor) -> torch.Tensor:
     """`embedding_norm` as a 0-d tensor on the vectors' device (no host sync)."""
     return vectors.detach().float().norm(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-attention maps of the concept tokens, recorded while training
+
+
+class ConceptAttentionMaps:
+    """Cross-attention maps at the concept-token columns, grouped by spatial token count.
+
+    Like Mix-of-Show's AttentionStore, but it keeps only the two columns the regulariser reads,
+    averaged over heads: `[B, 2, N]` per layer instead of `[B, heads, N, 77]`.
+    """
+
+    def __init__(self):
+        self.positions: torch.Tensor | None = None  # [B, 2] token positions of V_rand, V_class
+        self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def start(self, positions: torch.Tensor) -> None:
+        """Begin a forward pass whose prompts hold the concept tokens at `positions` ([B, 2])."""
+        self.maps.clear()
+        self.positions = positions
+
+    def record(self, probs: torch.Tensor) -> None:
+        """Keep one layer's attention probabilities `[B, heads, N, S]` at the concept tokens."""
+        if self.positions is None:
+            return
+        per_pixel = probs.mean(dim=1)  # [B, N, S]
+        index = self.positions[:, None, :].expand(-1, per_pixel.shape[1], -1)  # [B, N, 2]
+        self.maps[per_pixel.shape[1]].append(per_pixel.gather(2, index).transpose(1, 2))  # [B, 2, N]
+
+    def by_resolution(self) -> dict[int, torch.Tensor]:
+        """Token count -> `[B, 2, N]` maps averaged over the layers of that resolution."""
+        return {tokens: torch.stack(layers).mean(0) for tokens, layers in self.maps.items()}
+
+    def clear(self) -> None:
+        self.maps.clear()
+
+
+class ConceptAttentionRecorder:
+    """Cross-attention of layer l (copy l of the layer-wise prompt) with explicit probabilities.
+
+    Computes softmax(Q K^T / sqrt(d)) itself (`Attention.get_attention_scores`, as diffusers'
+    AttnProcessor) instead of SDPA, so the concept tokens' maps can be recorded into `store` and
+    the regulariser's gradient flows through them. Training only.
+    """
+
+    def __init__(self, layer: int, store: ConceptAttentionMaps):
+        self.layer = layer
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        context = select_layer(encoder_hidden_states, self.layer)
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        batch, tokens, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [B * heads, N, d_head]
+        key = attn.head_to_batch_dim(attn.to_k(context))  # [B * heads, S, d_head]
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # [B * heads, N, S]
+        self.store.record(probs.view(batch, attn.heads, tokens, -1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))  # [B, N, heads * d_head]
+        out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def recording_cross_attention(unet: torch.nn.Module, store: ConceptAttentionMaps):
+    """Give every cross-attention layer a ConceptAttentionRecorder; put the old processors back after."""
+    layers = [module for _, module in cross_attention_layers(unet)]
+    saved = [module.processor for module in layers]
+    for layer, module in enumerate(layers):
+        module.set_processor(ConceptAttentionRecorder(layer, store))
+    try:
+        yield store
+    finally:
+        for module, processor in zip(layers, saved):
+            module.set_processor(processor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +576,45 @@ def check_train_config(config: TrainConfig, photo_count: int) -> TrainConfig:
     for label, value in (("lr_embedding", config.lr_embedding), ("lr_text_lora", config.lr_text_lora), ("lr_unet_lora", config.lr_unet_lora)):
         if not value >= 0:
             raise UserError(f"{label} must be 0 or more, got {value}")
+    if not config.attn_reg_weight >= 0:
+        raise UserError(f"attn_reg_weight must be 0 or more (0 turns the attention regulariser off), got {config.attn_reg_weight}")
+    chances = (("multi_subject_probability", config.multi_subject_probability), ("prior_probability", config.prior_probability))
+    for label, value in chances:
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{label} must be between 0 and 1 (the chance a training example is one), got {value}")
+    if config.multi_subject_probability + config.prior_probability > 1.0:
+        raise UserError(f"multi_subject_probability + prior_probability must be at most 1, got {config.multi_subject_probability}"
+                        f" + {config.prior_probability}; lower one of them")
+    companions = tuple(config.companions)
+    if config.multi_subject_probability > 0 or config.prior_probability > 0:
+        if not companions:
+            raise UserError("companions is empty; name at least one other animal the base model draws, e.g. dog,cat")
+        companions = tuple(_check_companion(word) for word in companions)
+        for label, value in (("companion_images", config.companion_images), ("prior_images", config.prior_images)):
+            if not isinstance(value, int) or not 1 <= value <= MAX_BASE_SAMPLES:
+                raise UserError(f"{label} must be an integer from 1 to {MAX_BASE_SAMPLES}, got {value}")
     steps = config.steps or default_steps(photo_count, config.batch_size)
-    return replace(config, class_word=class_word, steps=steps)
+    return replace(config, class_word=class_word, steps=steps, companions=companions)
+
+
+def parse_companions(text: str) -> tuple[str, ...]:
+    """Companion class words from a comma-separated field ("dog, cat" -> ("dog", "cat"))."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+def _check_companion(word: str) -> str:
+    try:
+        return check_class_word(word)
+    except UserError:
+        raise UserError(f"companion {word!r} is not valid: use one plain word per animal, e.g. dog,cat") from None
+
+
+def _check_companion_tokens(tokenizer, words: tuple[str, ...]) -> None:
+    """Each companion must be one CLIP token, like the class word (see `_class_embedding`)."""
+    for word in words:
+        count = len(tokenizer(word, add_special_tokens=False).input_ids)
+        if count != 1:
+            raise UserError(f"companion {word!r} is {count} tokens for CLIP; choose a common single word (dog, cat, bird...)")
 
 
 def _trainable_state(vectors: torch.Tensor, text_params: list, unet_params: list) -> dict[str, torch.Tensor]:
@@ -316,17 +624,53 @@ def _trainable_state(vectors: torch.Tensor, text_params: list, unet_params: list
     return state
 
 
-def _make_batch(photos, masks, config: TrainConfig, resolution: int, latent_size: int, rng: random.Random):
-    """One batch on the CPU: random photos, augmented, with captions from templates."""
-    pixels, loss_masks, prompts = [], [], []
+def _example_kind(config: TrainConfig, rng: random.Random) -> str:
+    """"prior", "composite" or "single"; draws from `rng` only when composites or priors are on,
+    so the default configuration makes the same batches as before they existed."""
+    if config.multi_subject_probability == 0 and config.prior_probability == 0:
+        return "single"
+    draw = rng.random()
+    if draw < config.prior_probability:
+        return "prior"
+    if draw < config.prior_probability + config.multi_subject_probability:
+        return "composite"
+    return "single"
+
+
+def _make_batch(photos, masks, config: TrainConfig, resolution: int, latent_size: int, rng: random.Random,
+                companions=(), prior_scenes=()):
+    """One batch on the CPU: random examples, augmented, with captions from templates.
+
+    An example is one photo (crop-and-paste), or with `multi_subject_probability` a composite of it
+    beside a companion (`make_composite`), or with `prior_probability` a prior scene. Returns pixels
+    `[B, 3, S, S]`, loss masks `[B, 1, s, s]`, subject masks for the attention regulariser
+    `[B, 1, s, s]` (all ones where there is none, which the regulariser skips) and prompts.
+    """
+    pixels, loss_masks, subject_masks, prompts = [], [], [], []
+    everything = Image.new("L", (resolution, resolution), 255)
     for _ in range(config.batch_size):
-        index = rng.randrange(len(photos))
-        canvas, subject, pasted = resize_crop_paste(photos[index], masks[index] if masks else None, resolution, config.crop_probability, rng)
-        image_tensor, mask_tensor = to_tensors(canvas, subject if subject is not None else pasted, latent_size)
+        kind = _example_kind(config, rng)
+        if kind == "prior":  # the base model's own scene and caption, loss everywhere, no concept
+            prompt, canvas = prior_scenes[rng.randrange(len(prior_scenes))]
+            canvas, loss_area, subject = canvas.resize((resolution, resolution), Image.BICUBIC), everything, None
+        else:
+            index = rng.randrange(len(photos))
+            canvas, subject, pasted = resize_crop_paste(photos[index], masks[index] if masks else None, resolution, config.crop_probability, rng)
+            if kind == "composite":
+                word, companion = companions[rng.randrange(len(companions))]
+                cut = subject if subject is not None and subject.getbbox() else pasted  # a cropped-away subject: the tile
+                canvas, pet_area, pet_on_left = make_composite(canvas, cut, companion, resolution, rng)
+                loss_area, subject = pet_area, pet_area if cut is subject else None
+                prompt = composite_caption(config.name, word, pet_on_left, rng)
+            else:
+                loss_area = subject if subject is not None else pasted
+                prompt = caption(config.name, rng)
+        image_tensor, mask_tensor = to_tensors(canvas, loss_area, latent_size)
         pixels.append(image_tensor)
         loss_masks.append(mask_tensor)
-        prompts.append(caption(config.name, rng))
-    return torch.stack(pixels), torch.stack(loss_masks), prompts
+        subject_masks.append(downsample_mask(subject, latent_size) if subject is not None else torch.ones_like(mask_tensor))
+        prompts.append(prompt)
+    return torch.stack(pixels), torch.stack(loss_masks), torch.stack(subject_masks), prompts
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
@@ -353,7 +697,8 @@ def train_concept(
             (memory mode, compiled UNet; see `pipelines.performance`) apply.
         photos: RGB images of the subject (see `load_training_set`).
         config: TrainConfig; `steps=None` picks Mix-of-Show's default for the photo count.
-        masks: optional subject masks, one per photo (white = subject) for the masked loss.
+        masks: optional subject masks, one per photo (white = subject; None for a photo without
+            one) for the masked loss and, with `attn_reg_weight` > 0, the cross-attention regulariser.
         callback: called after every step with a TrainProgress.
         cancel: set it to stop; a checkpoint is written first and Cancelled is raised.
         checkpoint_dir: where checkpoints go (every `checkpoint_every` steps and on cancel).
@@ -370,14 +715,30 @@ def train_concept(
     if resolution % (base.vae_scale_factor * 8):
         raise UserError(f"--resolution {resolution} must be a multiple of {base.vae_scale_factor * 8}")
     latent_size = resolution // base.vae_scale_factor
+    v_class = _class_embedding(base, config.class_word)
+    uses_companions = config.multi_subject_probability > 0 or config.prior_probability > 0
+    if uses_companions:
+        _check_companion_tokens(base.tokenizer, companion_words(config))
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    payload = None
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in payload["config"].items() if k not in ("steps", "checkpoint_every", "preview_every")}
+        if saved != {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "preview_every")}:
+            raise UserError(f"the checkpoint in {checkpoint_dir} was made with other settings; train without --resume to start over")
 
-    # 2. Concept tokens and LoRA adapters, all randomness from the seed
+    # 2. Companions and prior scenes: the base model's own pictures, before the concept exists
+    companions, prior_scenes = [], []
+    if payload is not None and uses_companions:  # the very images of the interrupted run
+        companions, prior_scenes = _images_from_state(payload["companions"]), _images_from_state(payload["prior_scenes"])
+    elif uses_companions:
+        companions, prior_scenes = sample_companions(base, config, resolution)
+
+    # 3. Concept tokens and LoRA adapters, all randomness from the seed
     torch.manual_seed(config.seed)  # peft's Kaiming init of lora_A draws from the global RNG
     rng = random.Random(config.seed)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     v_rand = torch.randn(base.text_encoder.get_input_embeddings().weight.shape[1], generator=generator) * config.rand_init_std
-    v_class = _class_embedding(base, config.class_word)
     init = torch.stack([v_rand.expand(NUM_LAYERS, -1), v_class.expand(NUM_LAYERS, -1)])  # [2, 16, d]
     vectors = add_concept_tokens(base.tokenizer, base.text_encoder, config.name, init)
     install_layerwise_attention(base.unet)
@@ -415,12 +776,8 @@ def train_concept(
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
     step, losses, frozen_at = 0, [], None
 
-    # 3. Resume
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in payload["config"].items() if k not in ("steps", "checkpoint_every", "preview_every")}
-        if saved != {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "preview_every")}:
-            raise UserError(f"the checkpoint in {checkpoint_dir} was made with other settings; train without --resume to start over")
+    # 4. Resume
+    if payload is not None:
         with torch.no_grad():
             vectors.copy_(payload["trainable"]["embeddings"])
             for i, p in enumerate(text_params):
@@ -446,28 +803,36 @@ def train_concept(
             "config": asdict(config), "step": step, "losses": losses, "frozen_at": frozen_at,
             "trainable": _trainable_state(vectors, text_params, unet_params),
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-            # the Python RNG as it was before the next batch was drawn ahead (see 4d)
+            # the Python RNG as it was before the next batch was drawn ahead (see 5d)
             "python_rng": rng_at_step, "torch_rng": generator.get_state(),
+            "companions": _images_to_state(companions), "prior_scenes": _images_to_state(prior_scenes),
         })
 
-    # 4. The loop
+    # 5. The loop
     base.unet.train()  # no dropout in SD; train() only matters for modules that check it
     unet = unet_forward(base)
     trainable = [vectors] + text_params + unet_params
     started, start_step = time.perf_counter(), step
+    # Mix-of-Show's regulariser needs to know where the subject is: only with subject masks
+    attention_maps = ConceptAttentionMaps() if masks is not None and config.attn_reg_weight > 0 else None
+    recording = recording_cross_attention(base.unet, attention_maps) if attention_maps is not None else nullcontext()
+
+    def make_batch():
+        return _make_batch(photos, masks, config, resolution, latent_size, rng, companions, prior_scenes)
+
     rng_at_step = rng.getstate()
-    batch = _make_batch(photos, masks, config, resolution, latent_size, rng) if step < total else None
-    with gradient_checkpointing(base, plan.gradient_checkpointing):
+    batch = make_batch() if step < total else None
+    with gradient_checkpointing(base, plan.gradient_checkpointing), recording:
         while step < total:
             if cancel is not None and cancel.is_set():
                 checkpoint()
                 raise Cancelled(f"training of {config.name} cancelled at step {step} of {total}")
-            # 4a. The batch made ahead on the CPU
-            pixels, loss_mask, prompts = batch
+            # 5a. The batch made ahead on the CPU
+            pixels, loss_mask, subject_mask, prompts = batch
             pixels = pixels.to(base.device, base.dtype)
             loss_mask = loss_mask.to(base.device)
 
-            # 4b. Diffusion loss
+            # 5b. Diffusion loss
             with torch.no_grad():
                 posterior = base.vae.encode(pixels).latent_dist
                 latents = posterior.sample(generator=generator).float() * base.vae.config.scaling_factor
@@ -481,10 +846,16 @@ def train_concept(
             else:
                 target = noise
             context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
+            if attention_maps is not None:
+                positions = concept_token_positions(base.tokenizer, prompts, config.name)
+                subject_mask[(positions < 0).any(dim=1)] = 1.0  # no concept tokens (a prior scene): nothing to keep in place
+                attention_maps.start(positions.clamp(min=0).to(base.device))
             prediction = unet(noisy.to(base.dtype), timesteps, encoder_hidden_states=context.to(base.dtype)).sample
             loss = masked_mse(prediction, target, loss_mask)
+            if attention_maps is not None:
+                loss = loss + attention_regulariser(attention_maps.by_resolution(), subject_mask.to(base.device), config.attn_reg_weight)
 
-            # 4c. Update (queued on the device; nothing here waits for it)
+            # 5c. Update (queued on the device; nothing here waits for it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(trainable, here.size)
@@ -492,9 +863,11 @@ def train_concept(
             lr_schedule.step()
             step += 1
 
-            # 4d. While the device works, augment the next batch; then read loss and norm in one sync
+            # 5d. While the device works, augment the next batch; then read loss and norm in one sync
+            if attention_maps is not None:
+                attention_maps.clear()  # this step's maps, and what gradient checkpointing recorded again in backward
             rng_at_step = rng.getstate()
-            batch = _make_batch(photos, masks, config, resolution, latent_size, rng) if step < total else None
+            batch = make_batch() if step < total else None
             loss_value, norm = torch.stack([loss.detach(), mean_norm(vectors)]).tolist()
             if not math.isfinite(loss_value):
                 raise UserError(f"training diverged at step {step - 1} (loss {loss_value}); lower the learning rates")
@@ -504,7 +877,7 @@ def train_concept(
                 vectors.requires_grad_(False)
                 vectors.grad = None
 
-            # 4e. Report, preview, checkpoint
+            # 5e. Report, preview, checkpoint
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                 checkpoint()
             preview = None
@@ -515,7 +888,7 @@ def train_concept(
                 eta = elapsed / (step - start_step) * (total - step)
                 callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
 
-    # 5. Wrap up: the concept's tensors and a preview sample
+    # 6. Wrap up: the concept's tensors and a preview sample
     base.unet.eval()
     vectors.requires_grad_(False)
     for param in text_params + unet_params:
@@ -545,7 +918,9 @@ def train_concept(
 def _preview(base: BaseModel, config: TrainConfig) -> Image.Image:
     """One sample of "a photo of <name>" with the concept as it is now."""
     was_training = base.unet.training
+    processors = base.unet.attn_processors  # sampling installs its own; training's recorders come back
     base.unet.eval()
     image = sample_loaded(base, SampleConfig(prompt=f"a photo of <{config.name}>", steps=config.preview_steps, seed=config.seed))[0]
+    base.unet.set_attn_processor(processors)
     base.unet.train(was_training)
     return image

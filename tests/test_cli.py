@@ -194,6 +194,10 @@ def test_train_missing_base(capsys, tmp_path, photos_dir):
         (["--name", "Mochi!"], ["concept name 'Mochi!' is not valid"]),
         (["--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["--resolution", "100"], ["--resolution 100 must be a multiple of 64"]),
+        (["--multi-subject-probability", "1.5"], ["multi_subject_probability must be between 0 and 1", "got 1.5"]),
+        (["--prior-probability", "0.5", "--companions", " , "], ["companions is empty"]),
+        (["--prior-probability", "0.5", "--companions", "cat,xylophonists"], ["companion 'xylophonists' is 4 tokens for CLIP"]),
+        (["--attn-reg-weight", "-1"], ["attn_reg_weight must be 0 or more"]),
     ],
 )
 def test_train_bad_settings(capsys, tmp_path, photos_dir, extra, fragments):
@@ -308,3 +312,22 @@ def test_user_error_in_a_real_process_exits_2_with_one_line(tmp_path, isolated_e
     lines = process.stderr.strip().splitlines()
     assert lines == [f"error: --base {str(tmp_path / 'no-model')!r} does not exist; give a Hub id, a diffusers folder"
                      f" or a .safetensors/.ckpt file"]
+
+
+def test_train_flags_for_concepts_that_share_the_frame_reach_the_config(capsys, tmp_path, photos_dir, monkeypatch):
+    import pipelines.train
+    from pipelines.errors import Cancelled
+
+    seen = []
+
+    def capture(base, photos, config, **kwargs):
+        seen.append(config)
+        raise Cancelled("stopped by the test")
+
+    monkeypatch.setattr(pipelines.train, "train_concept", capture)
+    code, _, _ = run(capsys, *train_args(photos_dir, tmp_path / "lib"), "--attn-reg-weight", "0.02",
+                     "--multi-subject-probability", "0.3", "--prior-probability", "0.2", "--companions", "cat, bird")
+    assert code == 130
+    (config,) = seen
+    assert (config.attn_reg_weight, config.multi_subject_probability, config.prior_probability, config.companions) == (
+        0.02, 0.3, 0.2, ("cat", "bird"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,20 +13,34 @@ import torch
 from PIL import Image
 
 import pipelines.train as train_module
-from pipelines.edlora import lora_parameters
+from pipelines.edlora import lora_layers, lora_parameters
 from pipelines.errors import Cancelled, UserError
-from pipelines.layerwise import encode_layerwise
+from pipelines.layerwise import (
+    LayerwiseAttnProcessor,
+    add_concept_tokens,
+    cross_attention_layers,
+    encode_layerwise,
+    install_layerwise_attention,
+    known_concepts,
+)
 from pipelines.train import (
     CHECKPOINT_FILE,
     OBJECT_TEMPLATES,
+    ConceptAttentionMaps,
+    attention_regulariser,
     caption,
+    composite_caption,
+    concept_token_positions,
     default_steps,
     embedding_norm,
     find_masks,
     find_photos,
     load_photo,
     load_training_set,
+    make_composite,
     masked_mse,
+    prior_scene_prompts,
+    recording_cross_attention,
     resize_crop_paste,
     to_tensors,
     train_concept,
@@ -210,6 +225,241 @@ def test_caption_uses_object_templates_with_the_token():
     assert text in {t.format("<mochi>") for t in OBJECT_TEMPLATES}
 
 
+def test_default_batches_draw_as_before_composites_existed(photo):
+    """With composites and prior scenes off, a batch draws photo, augmentation and template from the
+    RNG in the original order, so a seed keeps its results."""
+    config = quick_config(batch_size=3, crop_probability=0.5)
+    photos = [photo, procedural_photo(1)]
+    pixels, loss_masks, subject_masks, prompts = train_module._make_batch(photos, None, config, 64, 8, random.Random(5))
+    rng = random.Random(5)
+    for i in range(3):
+        index = rng.randrange(2)
+        canvas, _, pasted = resize_crop_paste(photos[index], None, 64, 0.5, rng)
+        expected_pixels, expected_mask = to_tensors(canvas, pasted, 8)
+        assert torch.equal(pixels[i], expected_pixels) and torch.equal(loss_masks[i], expected_mask)
+        assert prompts[i] == caption("mochi", rng)
+    assert subject_masks.eq(1).all()  # no subject masks: nothing for the regulariser
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts that share the frame: the attention regulariser, composites, prior scenes
+
+
+def test_attention_regulariser_is_zero_inside_the_mask_and_positive_outside():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0  # the subject: left half
+    fine, coarse = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4)
+    fine[..., :4] = torch.rand(1, 2, 8, 4, generator=torch.Generator().manual_seed(0)) + 0.1
+    coarse[..., :2] = 0.5
+    inside = {64: fine.flatten(2), 16: coarse.flatten(2)}
+    assert attention_regulariser(inside, mask, 0.01).item() == 0.0
+
+    # uniform maps are 1 everywhere once divided by their max: mean outside 1 for each word,
+    # weight * (1 + 1) per resolution, two resolutions
+    uniform = {64: torch.full((1, 2, 64), 0.3), 16: torch.full((1, 2, 16), 0.1)}
+    assert attention_regulariser(uniform, mask, 0.01).item() == pytest.approx(0.04)
+    assert attention_regulariser(uniform, mask, 0.5).item() == pytest.approx(2.0)
+
+    # one V_rand pixel outside at half the map's max: normalised 0.5 there, over 32 outside pixels
+    leaking = fine.clone()
+    leaking[0, 0, 0, 7] = 0.5 * fine[0, 0].max()
+    leaking = {64: leaking.flatten(2).requires_grad_(True), 16: coarse.flatten(2)}
+    value = attention_regulariser(leaking, mask, 0.01)
+    assert value.item() == pytest.approx(0.01 * 0.5 / 32)
+    value.backward()
+    assert leaking[64].grad[0, 0, 7] > 0  # lowering the leak lowers the loss
+
+    # examples whose mask covers everything (no subject mask, no concept) or nothing are skipped
+    two = {tokens: torch.cat([maps, maps]) for tokens, maps in uniform.items()}
+    for other in (torch.ones_like(mask), torch.zeros_like(mask)):
+        assert attention_regulariser(two, torch.cat([mask, other]), 0.01).item() == pytest.approx(0.04)
+        assert attention_regulariser(uniform, other, 0.01).item() == 0.0
+
+
+def test_concept_token_positions_and_recorded_maps_per_resolution(base):
+    """The recorder keeps `[B, 2, N]` head-averaged maps of V_rand and V_class for each layer, grouped
+    by token count (the tiny UNet's latent is 8x8: 5 layers at 8x8, 4x4 and 2x2, the mid layer at
+    1x1), changes no layer's output, and its processors leave when it is done."""
+    vectors = 0.1 * torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    add_concept_tokens(base.tokenizer, base.text_encoder, "mochi", vectors)
+    install_layerwise_attention(base.unet)
+    prompts = ["a photo of <mochi>", "a cat and a <mochi> on grass"]
+    positions = concept_token_positions(base.tokenizer, prompts, "mochi")
+    assert positions.tolist() == [[4, 5], [5, 6]]  # after <start>: a photo of | a cat and a
+    assert concept_token_positions(base.tokenizer, ["a photo of a dog"], "mochi").tolist() == [[-1, -1]]
+
+    inputs = {}
+    mid = dict(cross_attention_layers(base.unet))["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    mid.register_forward_pre_hook(lambda module, args, kwargs: inputs.update(hidden=args[0]), with_kwargs=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([10, 500])
+    before = [module.processor for _, module in cross_attention_layers(base.unet)]
+    store = ConceptAttentionMaps()
+    with torch.no_grad():
+        context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
+        expected = base.unet(latents, timesteps, encoder_hidden_states=context).sample
+        with recording_cross_attention(base.unet, store):
+            store.start(positions)
+            recorded = base.unet(latents, timesteps, encoder_hidden_states=context).sample
+    assert [module.processor for _, module in cross_attention_layers(base.unet)] == before
+    assert all(isinstance(p, LayerwiseAttnProcessor) for p in before)
+    torch.testing.assert_close(recorded, expected, atol=1e-5, rtol=1e-4)  # explicit softmax = SDPA
+
+    assert {tokens: len(layers) for tokens, layers in store.maps.items()} == {64: 5, 16: 5, 4: 5, 1: 1}
+    maps = store.by_resolution()
+    for tokens, word_maps in maps.items():
+        assert word_maps.shape == (2, 2, tokens)
+        assert ((word_maps > 0) & (word_maps < 1)).all()
+    # the mid layer (layer 6) by hand: softmax(Q K^T / sqrt(d)) on copy 6, mean over heads, two columns
+    with torch.no_grad():
+        heads, query = mid.heads, mid.to_q(inputs["hidden"])
+        key = mid.to_k(context.view(2, 16, 77, -1)[:, 6])
+        q = query.view(2, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+        k = key.view(2, 77, heads, key.shape[-1] // heads).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1)  # [B, 1, 77]
+    by_hand = torch.stack([probs[b, :, positions[b]].T for b in range(2)])  # [B, 2, 1]
+    torch.testing.assert_close(maps[1], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_regulariser_uses_the_subject_mask_and_adds_to_the_loss(fresh_base, monkeypatch):
+    """With subject masks the loss gains weight * (L_rand + L_class), computed against the subject
+    mask (not the pasted area), with maps at every resolution even after a preview; without
+    masks, or at weight 0, it is not computed. Training processors are put back afterwards."""
+    calls = []
+    real = train_module.attention_regulariser
+
+    def spy(maps, subject_masks, weight):
+        value = real(maps, subject_masks, weight)
+        calls.append((sorted(maps), subject_masks.clone(), weight, value.item()))
+        return value
+
+    monkeypatch.setattr(train_module, "attention_regulariser", spy)
+    landscape = procedural_photo(0, (128, 64))  # pasted as a 64x32 band
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 64, 64))  # the subject: the band's left half
+    config = quick_config(steps=2, preview_every=1)
+    base = fresh_base()
+    with_reg = train_concept(base, [landscape], config, masks=[mask])
+    assert all(isinstance(module.processor, LayerwiseAttnProcessor) for _, module in cross_attention_layers(base.unet))
+    assert [(keys, weight) for keys, _, weight, _ in calls] == [([1, 4, 16, 64], 0.01)] * 2
+    _, subject_mask, _, value = calls[0]
+    assert subject_mask.sum() == 16 and subject_mask[..., 4:].sum() == 0  # 4x4 latent pixels; the band has 4x8
+    assert value > 0  # an untrained concept's attention spreads over the whole picture
+
+    without = train_concept(fresh_base(), [landscape], replace(config, attn_reg_weight=0.0, steps=1), masks=[mask])
+    train_concept(fresh_base(), [landscape], replace(config, steps=1))
+    assert len(calls) == 2
+    assert with_reg.losses[0] == pytest.approx(without.losses[0] + value, abs=1e-5)
+
+
+def test_make_composite_puts_the_pet_in_its_half_at_three_quarters_to_full_fit():
+    pet = Image.new("RGB", (40, 80), (255, 0, 0))
+    cut = Image.new("L", (40, 80), 0)
+    cut.paste(255, (10, 0, 30, 60))  # the pet: a 20x60 cut-out of its tile
+    companion = Image.new("RGB", (64, 64), (0, 0, 255))
+    sides = set()
+    for seed in range(12):
+        canvas, pet_area, pet_on_left = make_composite(pet, cut, companion, 128, random.Random(seed))
+        sides.add(pet_on_left)
+        pixels, area = np.asarray(canvas), np.asarray(pet_area) > 127
+        own, other = (slice(0, 64), slice(64, 128)) if pet_on_left else (slice(64, 128), slice(0, 64))
+        assert area.any() and not area[:, other].any()
+        rows, cols = np.where(area)
+        fit = min(64 / 20, 128 / 60)  # height-bound in a 64x128 half
+        assert 0.75 * 60 * fit - 1 <= rows.max() - rows.min() + 1 <= 60 * fit + 1
+        assert (rows.max() - rows.min() + 1) / (cols.max() - cols.min() + 1) == pytest.approx(3, rel=0.1)
+        red, blue = (pixels == [255, 0, 0]).all(-1), (pixels == [0, 0, 255]).all(-1)
+        assert np.array_equal(red, area)  # the cut-out itself, not its tile
+        assert blue[:, other].any() and not blue[:, own].any()
+        blue_cols = np.where(blue.any(axis=0))[0]
+        assert 48 - 1 <= blue_cols.max() - blue_cols.min() + 1 <= 64  # 64x64 fits a 64-wide half at 1
+        assert (pixels[~(red | blue)] == 0).all()  # black canvas elsewhere
+    assert sides == {True, False}
+    assert composite_caption("rex", "cat", True, random.Random(0)) in {t.format("<rex> and a cat") for t in OBJECT_TEMPLATES}
+    assert composite_caption("rex", "cat", False, random.Random(0)) in {t.format("cat and a <rex>") for t in OBJECT_TEMPLATES}
+
+
+def test_composite_examples_mask_only_the_pet_and_name_it_on_its_side(photo):
+    config = quick_config(batch_size=8, multi_subject_probability=1.0)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    companions = [("cat", Image.new("RGB", (128, 128), (0, 0, 255)))]
+    _, loss_masks, subject_masks, prompts = train_module._make_batch([photo], [mask], config, 128, 16, random.Random(0), companions)
+    sides = set()
+    for loss_mask, subject_mask, prompt in zip(loss_masks, subject_masks, prompts):
+        assert torch.equal(loss_mask, subject_mask)  # the pet's pasted subject mask, for both
+        on_left, on_right = loss_mask[0, :, :8].any().item(), loss_mask[0, :, 8:].any().item()
+        assert on_left != on_right
+        sides.add(on_left)
+        pair = "<mochi> and a cat" if on_left else "cat and a <mochi>"
+        assert prompt in {t.format(pair) for t in OBJECT_TEMPLATES}
+        assert 5 * 5 <= loss_mask.sum() <= 9 * 9  # the 64-pixel subject at 0.75-1 in a 16-latent
+    assert sides == {True, False}
+
+    # without masks the pet is its whole photo tile: a rectangle; no regulariser mask
+    _, loss_masks, subject_masks, _ = train_module._make_batch([photo], None, config, 128, 16, random.Random(0), companions)
+    for loss_mask in loss_masks:
+        rows, cols = torch.where(loss_mask[0] > 0)
+        assert loss_mask.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert not (loss_mask[0, :, :8].any() and loss_mask[0, :, 8:].any())
+    assert subject_masks.eq(1).all()
+
+
+def test_prior_examples_keep_their_caption_and_whole_image_loss(photo):
+    scene = Image.new("RGB", (64, 64), (10, 200, 30))
+    config = quick_config(batch_size=3, prior_probability=1.0)
+    pixels, loss_masks, subject_masks, prompts = train_module._make_batch(
+        [photo], [Image.new("L", (64, 64), 255)], config, 64, 8, random.Random(0), prior_scenes=[("a photo of a dog and a cat", scene)])
+    assert prompts == ["a photo of a dog and a cat"] * 3
+    assert loss_masks.eq(1).all() and subject_masks.eq(1).all()
+    assert torch.equal(pixels[0], to_tensors(scene, scene.convert("L"), 8)[0])
+
+
+def test_companions_and_prior_scenes_come_from_the_base_model_once(fresh_base, photo, trained, monkeypatch):
+    """Made at the start with no concept: the trained concept's tokens do not exist yet and every
+    adapter (here another concept's, loaded before) is off; each distinct prompt is one batch."""
+    from pipelines.edlora import apply_concept
+
+    calls = []
+    real_sample = train_module.sample_loaded
+
+    def sample_spy(base, config, *args, **kwargs):
+        active = [name for name, layer in lora_layers(base.unet).items() if not layer.disable_adapters]
+        calls.append(dict(prompt=config.prompt, n=config.num_images, steps=config.steps, size=(config.width, config.height),
+                          concepts=known_concepts(base.text_encoder), active=active))
+        return real_sample(base, config, *args, **kwargs)
+
+    seen = []
+    real_encode = train_module.encode_layerwise
+
+    def encode_spy(tokenizer, text_encoder, prompts):
+        seen.extend(prompts)
+        return real_encode(tokenizer, text_encoder, prompts)
+
+    monkeypatch.setattr(train_module, "sample_loaded", sample_spy)
+    monkeypatch.setattr(train_module, "encode_layerwise", encode_spy)
+    assert train_module.COMPANION_SAMPLE_STEPS == 20
+    monkeypatch.setattr(train_module, "COMPANION_SAMPLE_STEPS", 2)  # the tiny model draws noise either way
+    base = fresh_base()
+    apply_concept(base, "other", trained.tensors)
+    config = quick_config(steps=4, batch_size=2, companions=("cat",), companion_images=3, prior_images=4,
+                          multi_subject_probability=0.5, prior_probability=0.5)
+    train_concept(base, [photo], config)
+    *made, preview = calls
+    assert [(c["prompt"], c["n"]) for c in made] == [
+        ("a photo of a cat", 2), ("a photo of a dog", 1),  # the companion, then the own class word
+        ("a photo of a cat and a cat", 2), ("a photo of a cat and a dog", 1), ("a photo of a dog and a dog", 1),
+    ]
+    assert all(c["steps"] == 2 and c["size"] == (64, 64) and c["concepts"] == ["other"] and c["active"] == [] for c in made)
+    assert preview["prompt"] == "a photo of <mochi>"
+
+    scenes = set(prior_scene_prompts(("cat", "dog"), 4))
+    pairs = ("<mochi> and a cat", "cat and a <mochi>", "<mochi> and a dog", "dog and a <mochi>")
+    composites = {t.format(pair) for t in OBJECT_TEMPLATES for pair in pairs}
+    assert len(seen) == 8 and set(seen) <= scenes | composites
+    assert set(seen) & scenes and set(seen) & composites
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration errors (raised before the base is touched)
 
@@ -224,6 +474,14 @@ def test_caption_uses_object_templates_with_the_token():
         (dict(class_word="hot dog"), "class word 'hot dog' is not valid"),
         (dict(class_word="xylophonists"), r"class word 'xylophonists' is 4 tokens for CLIP; choose a common single word"),
         (dict(resolution=96), "--resolution 96 must be a multiple of 64"),
+        (dict(attn_reg_weight=-0.01), "attn_reg_weight must be 0 or more"),
+        (dict(multi_subject_probability=1.5), r"multi_subject_probability must be between 0 and 1 .*, got 1.5"),
+        (dict(prior_probability=-0.1), r"prior_probability must be between 0 and 1 .*, got -0.1"),
+        (dict(multi_subject_probability=0.6, prior_probability=0.6), r"multi_subject_probability \+ prior_probability must be at most 1"),
+        (dict(prior_probability=0.5, companions=()), "companions is empty; name at least one other animal"),
+        (dict(multi_subject_probability=0.5, companions=("cat", "hot dog")), "companion 'hot dog' is not valid: use one plain word"),
+        (dict(multi_subject_probability=0.5, companions=("xylophonists",)), r"companion 'xylophonists' is 4 tokens for CLIP; choose a common"),
+        (dict(prior_probability=0.5, prior_images=0), "prior_images must be an integer from 1 to 64, got 0"),
     ],
 )
 def test_bad_training_settings_are_user_errors(pristine_base, photo, overrides, message):
@@ -474,3 +732,37 @@ def test_resume_with_other_settings_is_refused(fresh_base, photo, tmp_path):
                       checkpoint_dir=tmp_path)
     with pytest.raises(UserError, match="made with other settings; train without --resume"):
         train_concept(fresh_base(), [photo], quick_config(steps=4, lr_unet_lora=5e-4), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_composites_priors_and_regulariser_are_deterministic_and_resume_exactly(fresh_base, photo, tmp_path, monkeypatch):
+    """With every new option on: the same seed gives the same run, and cancel-then-resume equals an
+    uninterrupted run; the resumed run takes its companions from the checkpoint, not the sampler."""
+    photos = [photo, procedural_photo(1)]
+    masks = [Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 0)]
+    masks[0].paste(255, (8, 8, 40, 56))
+    masks[1].paste(255, (20, 4, 60, 44))
+    config = quick_config(steps=8, batch_size=2, crop_probability=0.5, checkpoint_every=4, multi_subject_probability=0.4,
+                          prior_probability=0.3, companion_images=2, prior_images=3)
+    monkeypatch.setattr(train_module, "COMPANION_SAMPLE_STEPS", 2)
+    uninterrupted = train_concept(fresh_base(), photos, config, masks=masks)
+    again = train_concept(fresh_base(), photos, config, masks=masks)
+    assert again.losses == uninterrupted.losses
+    assert all(torch.equal(again.tensors[k], uninterrupted.tensors[k]) for k in uninterrupted.tensors)
+
+    cancel = threading.Event()
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Cancelled, match="cancelled at step 5 of 8"):
+        train_concept(fresh_base(), photos, config, masks=masks, cancel=cancel, checkpoint_dir=checkpoints,
+                      callback=lambda p: p.step == 5 and cancel.set())
+    payload = torch.load(checkpoints / CHECKPOINT_FILE, weights_only=False)
+    assert [word for word, _ in payload["companions"]] == ["dog", "cat"]
+    assert [caption for caption, _ in payload["prior_scenes"]] == prior_scene_prompts(("dog", "cat"), 3)
+
+    prompts = []
+    real_sample = train_module.sample_loaded
+    monkeypatch.setattr(train_module, "sample_loaded", lambda base, c, *a, **k: prompts.append(c.prompt) or real_sample(base, c, *a, **k))
+    resumed = train_concept(fresh_base(), photos, config, masks=masks, checkpoint_dir=checkpoints, resume=True)
+    assert prompts == ["a photo of <mochi>"]  # only the final preview
+    assert resumed.losses == uninterrupted.losses
+    for key in uninterrupted.tensors:
+        assert torch.equal(resumed.tensors[key], uninterrupted.tensors[key]), key
