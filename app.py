@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import gradio as gr
@@ -31,15 +31,16 @@ import torch
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from pipelines.__main__ import default_library
+from pipelines.__main__ import default_library, describe_boxes
 from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, default_dtype, load_base, resolve_device
 from pipelines.concept import ConceptLibrary
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
 from pipelines.fusion import REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
-from pipelines.isolated import IsolateConfig, Subject, isolate, save_stages
+from pipelines.isolated import BOX_T_LAY, IsolateConfig, Subject, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
+from pipelines.layout import DEFAULT_LAYOUT, LayoutControl
 from pipelines.regional import Region
 from pipelines.sample import SampleConfig, generate, read_png_metadata, save_png
 from pipelines.train import TrainConfig, check_train_config, load_training_set, parse_companions, train_concept
@@ -169,15 +170,24 @@ class GenerationRequest:
     num_images: int = 1
     rows: tuple[BoxRow, ...] = ()
     fused: str | None = None  # a fused model folder; None: fuse on the fly when several concepts are used
-    t_lay: float = 0.75
+    t_lay: float = BOX_T_LAY  # the studio isolates in boxes
     box_threshold: float = 0.35
     text_threshold: float = 0.25
+    # Advanced layout, Regional: shares of the steps (pipelines.layout.LayoutControl)
+    bounded_self_attention: float = DEFAULT_LAYOUT.self_attention
+    bootstrap: float = DEFAULT_LAYOUT.bootstrap
+    bounded_guidance: float = DEFAULT_LAYOUT.guidance
+    # Advanced layout, Isolated (pipelines.isolated.IsolateConfig)
+    layout_self_attention: float = IsolateConfig.layout_self_attention
+    layout_retries: int = IsolateConfig.layout_retries
+    added_bootstrap: float = IsolateConfig.added_bootstrap
 
 
 @dataclass
 class GenerationOutput:
     images: list[str] = field(default_factory=list)  # saved PNG paths
     stages: list[tuple[str, str]] = field(default_factory=list)  # Isolated: (path, caption) of each stage
+    boxes: list[str] = field(default_factory=list)  # Isolated: what became of each box, one line each
     message: str = ""
 
 
@@ -299,6 +309,30 @@ def check_rows(rows: list[BoxRow], library: ConceptLibrary) -> None:
 
 def regions_of(rows: list[BoxRow]) -> list[Region]:
     return [Region(box=row.box, prompt=row.prompt, negative_prompt=row.negative_prompt) for row in rows]
+
+
+def layout_of(request: GenerationRequest) -> LayoutControl:
+    """Regional mode's layout control: the form's shares, the rest as DEFAULT_LAYOUT."""
+    return replace(DEFAULT_LAYOUT, self_attention=request.bounded_self_attention, bootstrap=request.bootstrap,
+                   guidance=request.bounded_guidance)
+
+
+def isolate_config(request: GenerationRequest, index: int = 0) -> IsolateConfig:
+    """Isolated mode's config for image `index` (seed + index): one subject per box, in its box."""
+    rows = list(request.rows)
+    return IsolateConfig(prompt=request.prompt, subjects=subjects_of(rows), negative_prompt=request.negative_prompt,
+                         t_lay=request.t_lay, steps=request.steps, guidance=request.guidance, seed=request.seed + index,
+                         width=request.width, height=request.height, box_threshold=request.box_threshold,
+                         text_threshold=request.text_threshold, boxes=tuple(row.box for row in rows),
+                         layout_self_attention=request.layout_self_attention, layout_retries=request.layout_retries,
+                         added_bootstrap=request.added_bootstrap)
+
+
+def stage_caption(path: Path, index: int, boxes: bool) -> str:
+    """A stage image's caption in the Isolated gallery."""
+    name = {"layout": "layout (plain sample)", "final": "final",
+            "detections": "boxes: matched / split / added" if boxes else "detections"}.get(path.stem, path.stem.replace("_", " "))
+    return f"image {index + 1}: {name}"
 
 
 def subjects_of(rows: list[BoxRow]) -> tuple[Subject, ...]:
@@ -534,7 +568,8 @@ class Studio:
                               guidance=request.guidance, seed=request.seed, width=request.width, height=request.height,
                               num_images=request.num_images)
         result = generate(base, self.library, config, regions=regions_of(list(request.rows)), fused=request.fused,
-                          callback=lambda step, total: job.update(step=step, total=total, stage="sampling"), cancel=job.cancel_event)
+                          callback=lambda step, total: job.update(step=step, total=total, stage="sampling"), cancel=job.cancel_event,
+                          layout=layout_of(request))
         stem = self._new_stem()
         paths = [str(save_png(image, self.outputs / f"{stem}-{i + 1}.png", self._metadata(result.metadata, request, i)))
                  for i, image in enumerate(result.images)]
@@ -543,10 +578,7 @@ class Studio:
     def _isolate(self, job: Job, base, request: GenerationRequest) -> GenerationOutput:
         output, stem = GenerationOutput(), self._new_stem()
         for i in range(request.num_images):  # isolation makes one image per call: seeds seed, seed + 1, ...
-            config = IsolateConfig(prompt=request.prompt, subjects=subjects_of(list(request.rows)),
-                                   negative_prompt=request.negative_prompt, t_lay=request.t_lay, steps=request.steps,
-                                   guidance=request.guidance, seed=request.seed + i, width=request.width, height=request.height,
-                                   box_threshold=request.box_threshold, text_threshold=request.text_threshold)
+            config = isolate_config(request, i)
 
             def report(stage: str, step: int, total: int, index=i) -> None:
                 job.update(stage=f"image {index + 1}/{request.num_images}: {stage}", step=step, total=total)
@@ -556,7 +588,9 @@ class Studio:
             metadata = self._metadata(result.metadata, request, i)
             output.images.append(str(save_png(result.final, self.outputs / f"{stem}-{i + 1}.png", metadata)))
             stages = save_stages(replace(result, metadata=metadata), self.outputs / ".stages" / f"{stem}-{i + 1}")
-            output.stages += [(str(p), f"image {i + 1}: {p.stem}") for p in stages]
+            output.stages += [(str(p), stage_caption(p, i, bool(result.assignments))) for p in stages]
+            lines = describe_boxes(result)
+            output.boxes += [f"Image {i + 1}: {line}" for line in lines] if request.num_images > 1 else lines
             if result.message:
                 output.message = result.message
         job.update(message=output.message)
@@ -606,14 +640,32 @@ def request_from_metadata(metadata: dict, default_size: int) -> GenerationReques
     studio = metadata.get("studio")
     if studio:
         rows = tuple(BoxRow(**{**row, "box": tuple(row["box"])}) for row in studio.get("rows", []))
-        return GenerationRequest(**{**studio, "rows": rows})
-    rows = tuple(BoxRow(label=(concepts_in(r["prompt"]) and f"<{concepts_in(r['prompt'])[0]}>") or r["prompt"], box=tuple(r["box"]),
-                        prompt=r["prompt"], negative_prompt=r.get("negative_prompt", "")) for r in metadata.get("regions", []))
+        known = {f.name for f in fields(GenerationRequest)}  # an image from an older studio may carry retired settings
+        return GenerationRequest(**{**{key: value for key, value in studio.items() if key in known}, "rows": rows})
+
+    def label(prompt: str) -> str:
+        names = concepts_in(prompt)
+        return f"<{names[0]}>" if names else prompt
+
+    isolated = metadata.get("method") == "isolated"
+    if isolated:  # the CLI's `isolate --box`: one subject per box
+        rows = tuple(BoxRow(label=label(s["prompt"]), box=tuple(box), prompt=s["prompt"], find=s["label"])
+                     for s, box in zip(metadata.get("subjects", []), metadata.get("boxes") or []))
+    else:
+        rows = tuple(BoxRow(label=label(r["prompt"]), box=tuple(r["box"]), prompt=r["prompt"], negative_prompt=r.get("negative_prompt", ""))
+                     for r in metadata.get("regions", []))
+    layout = metadata.get("layout") or {}
+    settings = {"bounded_self_attention": layout.get("self_attention", DEFAULT_LAYOUT.self_attention),
+                "bootstrap": layout.get("bootstrap", DEFAULT_LAYOUT.bootstrap),
+                "bounded_guidance": layout.get("guidance", DEFAULT_LAYOUT.guidance)}
+    if isolated:
+        settings.update({key: metadata[key] for key in ("t_lay", "box_threshold", "text_threshold", "layout_self_attention",
+                                                        "layout_retries", "added_bootstrap") if key in metadata})
     return GenerationRequest(
-        mode=ISOLATED if metadata.get("method") == "isolated" else REGIONAL, prompt=metadata.get("prompt", ""),
+        mode=ISOLATED if isolated else REGIONAL, prompt=metadata.get("prompt", ""),
         negative_prompt=metadata.get("negative_prompt", ""), width=metadata.get("width") or default_size,
         height=metadata.get("height") or default_size, seed=metadata.get("seed", 0), steps=metadata.get("steps", 30),
-        guidance=metadata.get("guidance", 7.5), num_images=metadata.get("num_images", 1), rows=rows)
+        guidance=metadata.get("guidance", 7.5), num_images=metadata.get("num_images", 1), rows=rows, **settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,6 +866,7 @@ def build_generate_tab(studio: Studio) -> dict:
     """Mode, prompts, canvas with labelled boxes, box table, settings; results, stages and history."""
     size = studio.default_size
     tokens = [f"<{n}>" for n in studio.library.names()]
+    defaults = GenerationRequest(mode=REGIONAL, prompt="")
     with gr.Row():
         with gr.Column(scale=3):
             mode = gr.Radio(label="Method", choices=[REGIONAL, ISOLATED], value=REGIONAL, elem_id="generate-mode")
@@ -824,7 +877,9 @@ def build_generate_tab(studio: Studio) -> dict:
                 height = gr.Slider(label="Height", minimum=32, maximum=1024, step=8, value=size)
             gr.Markdown("Draw a box for each pet (drag on the canvas), then pick its concept in the dialog; press E on a"
                         " selected box to change its label, Delete to remove it. Regional: each box gets its own prompt."
-                        " Isolated: the layout comes from the prompt and each box names a subject the detector looks for.")
+                        " Isolated: a layout is sampled from the prompt, the detector's finds are matched to the boxes by"
+                        " position, and each box's subject is re-drawn in it with its own prompt (a box the detector missed"
+                        " gets its subject added there).")
             canvas = image_annotator(value=annotator_value(size, size, []), label_list=tokens,
                                      label_colors=[label_color(t) for t in tokens], image_type="pil", sources=[],
                                      show_clear_button=False, show_remove_button=False, label="Canvas", elem_id="canvas")
@@ -840,14 +895,46 @@ def build_generate_tab(studio: Studio) -> dict:
                 num_images = gr.Slider(label="Images", minimum=1, maximum=8, step=1, value=1)
             fused = gr.Dropdown(label="Fused model", choices=fused_choices(studio.fused_models()), value="")
             with gr.Accordion("Isolated settings", open=False):
-                t_lay = gr.Slider(label="Layout time (fraction of the schedule)", minimum=0.5, maximum=0.95, step=0.05, value=0.75)
+                t_lay = gr.Slider(label="Layout time (fraction of the schedule; subjects are redrawn from here)", minimum=0.1,
+                                  maximum=0.95, step=0.05, value=BOX_T_LAY)
                 box_threshold = gr.Slider(label="Detector box threshold", minimum=0.05, maximum=0.95, step=0.05, value=0.35)
                 text_threshold = gr.Slider(label="Detector text threshold", minimum=0.05, maximum=0.95, step=0.05, value=0.25)
+            with gr.Accordion("Advanced layout", open=False, elem_id="layout-advanced"):
+                gr.Markdown("How sampling keeps each box's pet a separate animal. Shares are of the denoising steps,"
+                            " counted from the first; 0 turns a tool off. The defaults are measured on the toy world"
+                            " (docs/toyworld.md).")
+                with gr.Column(visible=True, elem_id="layout-regional") as regional_layout:
+                    bounded_self_attention = gr.Slider(
+                        label="Bounded self-attention (share of steps)", minimum=0, maximum=1, step=0.05,
+                        value=defaults.bounded_self_attention, elem_id="layout-self-attention",
+                        info="pixels in one box do not attend to another box, so one body cannot grow across two boxes")
+                    bootstrap = gr.Slider(
+                        label="Bootstrapping (share of steps)", minimum=0, maximum=1, step=0.05, value=defaults.bootstrap,
+                        elem_id="layout-bootstrap",
+                        info="each box is first drawn alone on a plain background, so it starts with a subject of its own")
+                    bounded_guidance = gr.Slider(
+                        label="Guidance (share of steps; slower)", minimum=0, maximum=1, step=0.05, value=defaults.bounded_guidance,
+                        elem_id="layout-guidance",
+                        info="moves the latent so each box's attention stays inside it; several extra UNet passes with gradients per guided step")
+                with gr.Column(visible=False, elem_id="layout-isolated") as isolated_layout:
+                    layout_self_attention = gr.Slider(
+                        label="Layout self-attention (share of layout steps)", minimum=0, maximum=1, step=0.05,
+                        value=defaults.layout_self_attention, elem_id="isolated-self-attention",
+                        info="bounded self-attention between the boxes while the layout is sampled")
+                    layout_retries = gr.Slider(
+                        label="Layout retries", minimum=0, maximum=5, step=1, value=defaults.layout_retries, elem_id="layout-retries",
+                        info="re-sample the layout (next seed) while a box is missed or two boxes merge; each retry costs one more layout")
+                    added_bootstrap = gr.Slider(
+                        label="Added-subject bootstrap (share of steps)", minimum=0, maximum=1, step=0.05,
+                        value=defaults.added_bootstrap, elem_id="added-bootstrap",
+                        info="a subject the layout missed is first drawn alone in its box on a plain background")
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
             status = gr.HTML(elem_id="generate-status")
             results = gr.Gallery(label="Images (click one, then 'Reuse settings')", columns=2, height=360,
                                  buttons=["download", "fullscreen"], elem_id="results")
-            stages = gr.Gallery(label="Isolated: layout, detections with masks, final", columns=4, height=200, elem_id="stages")
+            stages = gr.Gallery(label="Isolated: layout, boxes with their masks (matched / split / added), final", columns=4,
+                                height=200, elem_id="stages")
+            box_report = gr.Markdown(elem_id="box-report")
             reuse_button = gr.Button("Reuse settings of the selected image", elem_id="reuse-button")
     history = gr.Gallery(value=studio.history(), label="History (saved in the outputs folder)", columns=8, height=240, fit_columns=False,
                          buttons=["download"], elem_id="history")
@@ -855,7 +942,8 @@ def build_generate_tab(studio: Studio) -> dict:
     result_paths = gr.State([])
     history_paths = gr.State(studio.history())
     form = {mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images, table, fused,
-            t_lay, box_threshold, text_threshold}
+            t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap, bounded_guidance, layout_self_attention,
+            layout_retries, added_bootstrap}
 
     def on_canvas(value, w, h, current):
         return rows_to_table(rows_from_annotator(value, int(w), int(h), rows_from_table(current), studio.library))
@@ -872,7 +960,10 @@ def build_generate_tab(studio: Studio) -> dict:
                 width=int(values[width]), height=int(values[height]), seed=chosen_seed, steps=int(values[steps]),
                 guidance=float(values[guidance]), num_images=int(values[num_images]), rows=tuple(rows_from_table(values[table])),
                 fused=values[fused] or None, t_lay=float(values[t_lay]), box_threshold=float(values[box_threshold]),
-                text_threshold=float(values[text_threshold]))
+                text_threshold=float(values[text_threshold]), bounded_self_attention=float(values[bounded_self_attention]),
+                bootstrap=float(values[bootstrap]), bounded_guidance=float(values[bounded_guidance]),
+                layout_self_attention=float(values[layout_self_attention]), layout_retries=int(values[layout_retries]),
+                added_bootstrap=float(values[added_bootstrap]))
             state = studio.submit_generation(request)
         except UserError as error:
             yield {status: warn(error)}
@@ -887,7 +978,11 @@ def build_generate_tab(studio: Studio) -> dict:
         if output.message:
             gr.Warning(output.message)
         paths = studio.history()
-        yield {results: output.images, result_paths: output.images, stages: output.stages, history: paths, history_paths: paths}
+        yield {results: output.images, result_paths: output.images, stages: output.stages,
+               box_report: "\n".join(f"- {line}" for line in output.boxes), history: paths, history_paths: paths}
+
+    def on_mode(chosen: str):
+        return gr.update(visible=chosen != ISOLATED), gr.update(visible=chosen == ISOLATED)
 
     def on_pick(paths: list[str], evt: gr.SelectData):
         return paths[evt.index] if evt.index is not None and evt.index < len(paths) else None
@@ -904,18 +999,25 @@ def build_generate_tab(studio: Studio) -> dict:
                 height: request.height, seed: request.seed, random_seed: False, steps: request.steps, guidance: request.guidance,
                 num_images: request.num_images, fused: request.fused or "", t_lay: request.t_lay,
                 box_threshold: request.box_threshold, text_threshold: request.text_threshold,
+                bounded_self_attention: request.bounded_self_attention, bootstrap: request.bootstrap,
+                bounded_guidance: request.bounded_guidance, layout_self_attention: request.layout_self_attention,
+                layout_retries: request.layout_retries, added_bootstrap: request.added_bootstrap,
                 canvas: annotator_value(request.width, request.height, rows), table: rows_to_table(rows),
                 status: f"<div>Settings of {html.escape(Path(path).name)} loaded.</div>"}
 
     canvas.change(on_canvas, [canvas, width, height, table], table)
     width.release(on_size, [width, height, table], canvas)
     height.release(on_size, [width, height, table], canvas)
-    generate_button.click(on_generate, inputs=form, outputs=[status, seed, results, result_paths, stages, history, history_paths],
+    mode.change(on_mode, mode, [regional_layout, isolated_layout])
+    generate_button.click(on_generate, inputs=form,
+                          outputs=[status, seed, results, result_paths, stages, box_report, history, history_paths],
                           concurrency_limit=None)
     results.select(on_pick, result_paths, selected_image)
     history.select(on_pick, history_paths, selected_image)
     reuse_button.click(on_reuse, selected_image, [mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images,
-                                                  fused, t_lay, box_threshold, text_threshold, canvas, table, status])
+                                                  fused, t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap,
+                                                  bounded_guidance, layout_self_attention, layout_retries, added_bootstrap,
+                                                  canvas, table, status])
     return {"canvas": canvas, "fused": fused}
 
 

@@ -4,9 +4,10 @@
     train --base B --images DIR ...      train an ED-LoRA concept into the library
     concepts list|show|rename|delete|export|import
     generate --prompt "... <mochi> ..."  sample an image (PNG with its settings), optionally with regions
+                                         (--region; kept apart by --layout-self-attention/-bootstrap/-guidance)
     fuse --concepts mochi,tama           fuse concepts into one model (gradient fusion or weight averaging)
     detect --image X --labels dog,cat    find subjects (Grounding DINO + SAM)
-    isolate --prompt ... --subject ...   Isolated Diffusion with detector-found subjects
+    isolate --prompt ... --subject ...   Isolated Diffusion with detector-found subjects, optionally one --box each
 
 A user error prints one line and exits with status 2; Ctrl-C during training writes a checkpoint
 (resume with --resume) and exits with status 130.
@@ -22,7 +23,7 @@ import signal
 import sys
 import threading
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "concepts"
@@ -161,6 +162,31 @@ def cmd_detect(args) -> None:
         print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
 
 
+def describe_boxes(result) -> list[str]:
+    """What became of each box of an isolate run with boxes (`result.assignments`), one line per box,
+    and a line on re-sampled layouts; nothing without boxes. The studio shows the same lines."""
+    from .layout import boxes_spanned
+
+    lines = []
+    for a in result.assignments:
+        head = f"Box {a.index + 1} ({a.subject})"
+        if a.status == "matched":
+            line = f"{head}: matched, IoU {a.iou:.2f}"
+        elif a.status == "split":
+            spanned = boxes_spanned(result.found[a.detection].mask, [b.box for b in result.assignments])
+            line = (f"{head}: split: its detection covered boxes {', '.join(str(i + 1) for i in spanned)}, so it was cut"
+                    f" along the boxes and this box took its part (IoU {a.iou:.2f})")
+        else:
+            line = f"{head}: added: no detection in it, drawn fresh"
+        if a.subject not in result.masks:
+            line += " (but other subjects' masks cover the whole box: left as sampled)"
+        lines.append(line)
+    if result.assignments and result.attempts > 1:
+        retries = result.attempts - 1
+        lines.append(f"layout re-sampled {retries} time{'s' if retries > 1 else ''} (earlier layouts merged or missed boxes)")
+    return lines
+
+
 def cmd_isolate(args) -> None:
     from .base import TEST_MODEL_NOTE
     from .concept import ConceptLibrary
@@ -178,13 +204,13 @@ def cmd_isolate(args) -> None:
     )
     if Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out {args.out!r} must be a .png file")
-    if not 0 < args.t_lay < 1:
-        raise UserError(f"--t-lay {args.t_lay} must be between 0 and 1 (exclusive); about 0.75 is typical")
     library = ConceptLibrary(args.library)
     base = load_configured_base(args)
     result = isolate(base, library, config, detector=args.detector, segmenter=args.segmenter, fused=args.fused)
     save_png(result.final, args.out, result.metadata)
     print(f"wrote {args.out}")
+    for line in describe_boxes(result):
+        print(f"  {line}")
     if args.stages:
         save_stages(result, args.stages)
         print(f"wrote stages (layout, detections, masks, final) to {args.stages}")
@@ -273,6 +299,7 @@ def cmd_generate(args) -> None:
     from .base import TEST_MODEL_NOTE
     from .concept import ConceptLibrary
     from .errors import UserError
+    from .layout import DEFAULT_LAYOUT, check_layout_control
     from .regional import load_regions, parse_region
     from .sample import SampleConfig, check_size, generate, save_png
 
@@ -287,11 +314,14 @@ def cmd_generate(args) -> None:
     regions = [parse_region(text) for text in args.region or []]
     if args.regions:
         regions += load_regions(args.regions)
-    # sizes fail before the model loads, each under its own flag; 8 stands for "not given" (native size)
+    layout = replace(DEFAULT_LAYOUT, self_attention=args.layout_self_attention, bootstrap=args.layout_bootstrap,
+                     guidance=args.layout_guidance)  # LayoutControl; centring and guidance iterations as DEFAULT_LAYOUT
+    # sizes and shares fail before the model loads, each under its own flag; 8 stands for "not given" (native size)
     check_size(8 if args.width is None else args.width, 8 if args.height is None else args.height)
+    check_layout_control(layout)
     library = ConceptLibrary(args.library)
     base = load_configured_base(args)
-    result = generate(base, library, config, regions=regions, fused=args.fused)
+    result = generate(base, library, config, regions=regions, fused=args.fused, layout=layout)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
         save_png(image, path, {**result.metadata, "seed": config.seed, "index": i})
@@ -307,6 +337,7 @@ def cmd_generate(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .base import DEFAULT_BASE, DTYPES
     from .isolated import IsolateConfig as IsolateDefaults
+    from .layout import DEFAULT_LAYOUT
 
     parser = argparse.ArgumentParser(prog="python -m pipelines", description="Menagerie: your own pets, together in one picture.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -419,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", default=None, help="fused model folder (from `fuse`); without it several concepts are fused on the fly")
     p.add_argument("--region", action="append", help="'x0,y0,x1,y1|prompt|negative' box in pixels; repeat for more regions")
     p.add_argument("--regions", default=None, help="JSON file: [{\"box\": [x0,y0,x1,y1], \"prompt\": ..., \"negative_prompt\": ...}]")
+    p.add_argument("--layout-self-attention", type=float, default=DEFAULT_LAYOUT.self_attention, metavar="SHARE",
+                   help="with regions: share of the steps (0-1, from the first) in which pixels in one box do not attend to"
+                        " another box, so one body cannot grow across two boxes; cheap (a masked attention)"
+                        f" (default {DEFAULT_LAYOUT.self_attention})")
+    p.add_argument("--layout-bootstrap", type=float, default=DEFAULT_LAYOUT.bootstrap, metavar="SHARE",
+                   help="with regions: share of the steps in which each box is also denoised alone, on a plain background,"
+                        " so it starts with a subject of its own; each box adds a branch to the UNet batch on those steps"
+                        f" (default {DEFAULT_LAYOUT.bootstrap})")
+    p.add_argument("--layout-guidance", type=float, default=DEFAULT_LAYOUT.guidance, metavar="SHARE",
+                   help="with regions: share of the steps whose latent is first moved so each box's attention stays inside"
+                        " it (Bounded Attention's loss); slow: several extra UNet passes with gradients per guided step"
+                        f" (default {DEFAULT_LAYOUT.guidance})")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("detect", help="find labelled subjects in an image (Grounding DINO boxes, SAM masks)")
@@ -441,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", action="append", help="'label=branch prompt', e.g. 'dog=<mochi> dog'; repeat per subject")
     p.add_argument("--attachment", action="append", help="'label=prompt' for a subject, or a prompt for the whole scene")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--t-lay", type=float, default=0.75, help="layout time as a fraction of the schedule (0-1, default 0.75)")
+    p.add_argument("--t-lay", type=float, default=None,
+                   help="layout time as a fraction of the schedule (0-1; default 0.75, or 0.3 with --box: measured in docs/toyworld.md)")
     p.add_argument("--out", required=True, help="final .png")
     p.add_argument("--stages", default=None, help="folder for layout.png, detections.png, mask_*.png, final.png")
     p.add_argument("--fused", default=None, help="fused model folder (default: each subject's own ED-LoRA)")

@@ -61,7 +61,7 @@ class IsolateConfig:
     subjects: tuple[Subject, ...] = ()
     attachments: tuple[str, ...] = ()  # "label=prompt" for a subject, or a prompt for the background
     negative_prompt: str = ""
-    t_lay: float = 0.75  # layout time as a fraction of T (paper: 700-800 of 1000)
+    t_lay: float | None = None  # layout time, a fraction of T; None: 0.75 (paper: 700-800 of 1000), BOX_T_LAY with boxes
     steps: int = 30
     guidance: float = 7.5  # the paper's lambda
     seed: int = 0
@@ -75,6 +75,20 @@ class IsolateConfig:
     layout_self_attention: float = 1.0  # share of layout steps with bounded self-attention between the boxes
     layout_retries: int = 1  # layouts re-sampled with the next seed while a box is missed or two boxes merge
     added_bootstrap: float = 0.3  # share of branch steps an added subject's branch is bootstrapped in its box
+
+
+# With boxes the branches start later (measured in the toy world, docs/toyworld.md: from t = 0.75 T
+# the branches redraw each subject at the concept's own size and break the boxes' layout; from
+# 0.3 T they keep it). Without boxes the paper's 0.75 stands.
+BOX_T_LAY = 0.3
+PAPER_T_LAY = 0.75
+
+
+def layout_time(config: "IsolateConfig") -> float:
+    """The layout time in use: the config's, or the default for its mode."""
+    if config.t_lay is not None:
+        return config.t_lay
+    return BOX_T_LAY if config.boxes else PAPER_T_LAY
 
 
 RETRY_SEED_STRIDE = 7919  # a retried layout uses seed + attempt * this (a prime: far from the user's next seeds)
@@ -127,7 +141,7 @@ class IsolatedResult:
     latents: torch.Tensor | None = field(default=None, repr=False)  # final [1 + S, C, h, w]: background, branches
     found: list = field(default_factory=list)  # every detection in the (chosen) layout
     assignments: list[BoxAssignment] = field(default_factory=list)  # boxes mode: what became of each box
-    attempts: int = 1  # layouts sampled (boxes mode retries merged or missed layouts)
+    attempts: int = 1  # layouts sampled (boxes mode retries merged or missed layouts; the best is kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +374,9 @@ def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, i
     check_size(width, height, base.vae_scale_factor)
     if not config.prompt.strip():
         raise UserError("the prompt is empty; describe the scene, e.g. 'a dog and a cat in a hot spring'")
-    if not 0 < config.t_lay < 1:
-        raise UserError(f"--t-lay {config.t_lay} must be between 0 and 1 (exclusive); about 0.75 is typical")
+    if config.t_lay is not None and not 0 < config.t_lay < 1:
+        raise UserError(f"--t-lay {config.t_lay} must be between 0 and 1 (exclusive); 0.75 is typical without boxes,"
+                        f" {BOX_T_LAY} with boxes")
     if config.steps < 2 or config.steps > 1000:
         raise UserError(f"--steps {config.steps} must be between 2 and 1000")
     labels = [s.label for s in config.subjects]
@@ -472,10 +487,10 @@ def isolate(
         uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt])
     scheduler = make_scheduler("dpm++", base.scheduler_config)
     scheduler.set_timesteps(config.steps, device=base.device)
-    lay_index = layout_step_index(scheduler.timesteps.cpu(), config.t_lay, scheduler.config.num_train_timesteps)
+    lay_index = layout_step_index(scheduler.timesteps.cpu(), layout_time(config), scheduler.config.num_train_timesteps)
     metadata = {"app": "menagerie", "method": "isolated", **asdict(config), "width": width, "height": height,
                 "subjects": [asdict(s) for s in config.subjects], "concepts": all_names, "base_model": base.name,
-                "fused": str(fused) if fused else None, "layout_step": lay_index}
+                "fused": str(fused) if fused else None, "layout_step": lay_index, "t_lay_used": layout_time(config)}
     if base.is_test_model:
         metadata["note"] = TEST_MODEL_NOTE
 
@@ -488,8 +503,9 @@ def isolate(
     # 3. Layout, detection and assignment (re-sampled while boxes are merged or missed)
     else:
         labels = list(dict.fromkeys(s.label for s in config.subjects))
-        best = None
+        best, sampled = None, 0
         for attempt in range(1 + (config.layout_retries if config.boxes else 0)):
+            sampled += 1
             seed = config.seed + attempt * RETRY_SEED_STRIDE
             layout_image, latent = sample_layout(base, config, background_context[:1], uncond, width, height, seed,
                                                  lay_index, callback, check_cancel)
@@ -501,9 +517,9 @@ def isolate(
             if plan.problems() == 0:
                 break
         _, attempt, seed, layout_image, latent, found, plan = best
-        metadata.update(layout_seed=seed, layout_attempts=attempt + 1)
+        metadata.update(layout_seed=seed, layout_attempts=sampled, layout_kept=attempt + 1)
         result = IsolatedResult(layout=layout_image, final=layout_image, detections=plan.detections,
-                                missing=[config.subjects[i].label for i in plan.missing], attempts=attempt + 1,
+                                missing=[config.subjects[i].label for i in plan.missing], attempts=sampled,
                                 found=found, assignments=plan.assignments)
         if not plan.subjects:
             result.message = (f"no subject was found in the layout ({', '.join(s.label for s in config.subjects)}); the layout"
@@ -578,15 +594,17 @@ def isolate(
 def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor, uncond: torch.Tensor, width: int, height: int,
                   seed: int, lay_index: int, callback, check_cancel) -> tuple[Image.Image, torch.Tensor]:
     """A plain sample of the full prompt (bounded between the boxes, if any): its image and its latent at t_lay."""
-    from .layout import install_bounded_self_attention, self_attention_biases
+    from .layout import LayoutControl, install_bounded_self_attention, self_attention_biases
 
     install_layerwise_attention(base.unet)
-    bias, bounded_steps = None, 0
-    if config.boxes and config.layout_self_attention > 0:
+    bias = None
+    bounded_steps = LayoutControl(self_attention=config.layout_self_attention).steps(config.steps)["self_attention"]
+    if not config.boxes:
+        bounded_steps = 0
+    if bounded_steps:
         install_bounded_self_attention(base.unet)
         factor = base.vae_scale_factor
         bias = self_attention_biases(list(config.boxes), width, height, height // factor, width // factor, base.device, base.dtype)
-        bounded_steps = max(1, round(config.layout_self_attention * config.steps))
     kept = {}
 
     def keep(i: int, latents: torch.Tensor) -> None:

@@ -71,6 +71,8 @@ class LayoutControl:
 
 
 NO_LAYOUT = LayoutControl()
+# What the studio and the command line use unless told otherwise (measured in docs/toyworld.md).
+DEFAULT_LAYOUT = LayoutControl(self_attention=1.0)
 
 
 def check_layout_control(control: LayoutControl) -> None:

@@ -147,7 +147,7 @@ def denoise(
             latents = guide.update(i, scheduler, t, latents, base.dtype)
         if latents_callback is not None:
             latents_callback(i, latents)
-        kwargs = bounded_kwargs if i < self_attention_steps else cross_attention_kwargs
+        kwargs = bounded_kwargs if i < self_attention_steps and self_attention_bias is not None else cross_attention_kwargs
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         noise = unet(model_input.to(base.dtype), t, encoder_hidden_states=context,
                      cross_attention_kwargs=kwargs).sample.float()

@@ -4,6 +4,7 @@ regional and isolated generation, reuse of settings, history, status, and every 
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -300,11 +301,122 @@ def test_isolated_generation_shows_layout_detections_and_final(studio):
     names = [Path(path).name for path, _ in found.result.stages]
     assert names == ["layout.png", "detections.png", "mask_dog.png", "final.png"]
     assert read_png_metadata(found.result.images[0])["method"] == "isolated"
-    # a detector that finds nothing: the page gets a message
+    assert found.result.boxes[0].startswith("Box 1 (dog): ")
+    # a detector that finds nothing: the dog is added in its box, and the page says so
     studio.detector = lambda image, labels: []
     try:
-        nothing = studio.jobs.wait(studio.submit_generation(generation(mode=app.ISOLATED, steps=4, rows=rows)).id, timeout=300)
+        nothing = studio.jobs.wait(studio.submit_generation(generation(mode=app.ISOLATED, steps=4, rows=rows, layout_retries=0)).id,
+                                   timeout=300)
     finally:
         studio.detector = "tiny"
-    assert nothing.status == DONE and "no subject was found" in nothing.message
-    assert len(nothing.result.images) == 1  # the layout is kept as the image
+    assert nothing.status == DONE and nothing.message == "box 1 (dog): added"
+    assert nothing.result.boxes == ["Box 1 (dog): added: no detection in it, drawn fresh"]
+    assert len(nothing.result.images) == 1
+
+
+def stand_in_detector(*found):
+    """A detector returning fixed (label, x0, x1) column bands with their masks; records its calls."""
+    from pipelines.detect import Detection
+
+    def detector(image, labels):
+        detector.calls.append(list(labels))
+        width, height = image.size
+        out = []
+        for label, x0, x1 in found:
+            mask = np.zeros((height, width), bool)
+            mask[:, x0:x1] = True
+            out.append(Detection(label, (float(x0), 0.0, float(x1), float(height)), 0.9, mask))
+        return out
+
+    detector.calls = []
+    return detector
+
+
+def spy_on(monkeypatch, name):
+    """Wrap app.<name> (a pipelines entry point), recording each call's keyword arguments and config."""
+    original = getattr(app, name)
+    calls = []
+
+    def wrapper(base, library, config, **kwargs):
+        calls.append({"config": config, **kwargs})
+        return original(base, library, config, **kwargs)
+
+    monkeypatch.setattr(app, name, wrapper)
+    return calls
+
+
+def test_isolated_mode_isolates_each_subject_in_its_drawn_box(studio, monkeypatch):
+    """The rows' boxes reach isolate() as IsolateConfig.boxes, in row order, with the layout settings;
+    the page gets the boxes image and a line per box; the PNG carries it all back to the form."""
+    calls = spy_on(monkeypatch, "isolate")
+    rows = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"),
+            app.BoxRow("<tama>", (32, 8, 64, 56), "a photo of <tama> cat", find="cat"))
+    studio.detector = stand_in_detector(("dog", 2, 30))  # the dog in its box; no cat anywhere
+    request = generation(mode=app.ISOLATED, steps=4, rows=rows, layout_self_attention=0.5, layout_retries=0, added_bootstrap=0.4)
+    try:
+        state = studio.jobs.wait(studio.submit_generation(request).id, timeout=300)
+    finally:
+        studio.detector = "tiny"
+    assert state.status == DONE, state.message
+    (call,) = calls
+    config = call["config"]
+    assert config.boxes == ((0, 0, 32, 64), (32, 8, 64, 56))
+    assert [(s.label, s.prompt) for s in config.subjects] == [("dog", "a photo of <mochi> dog"), ("cat", "a photo of <tama> cat")]
+    assert (config.layout_self_attention, config.layout_retries, config.added_bootstrap) == (0.5, 0, 0.4)
+    output = state.result
+    assert output.boxes == ["Box 1 (dog): matched, IoU 0.88", "Box 2 (cat): added: no detection in it, drawn fresh"]
+    assert ("image 1: boxes: matched / split / added" in [caption for _, caption in output.stages])
+    metadata = read_png_metadata(output.images[0])
+    assert metadata["boxes"] == [[0, 0, 32, 64], [32, 8, 64, 56]]
+    assert [a["status"] for a in metadata["assignments"]] == ["matched", "added"]
+    assert app.request_from_metadata(metadata, 64) == request  # "reuse settings" brings the layout settings back
+
+
+def test_layout_settings_reach_generate_and_come_back(studio, monkeypatch):
+    from pipelines.layout import DEFAULT_LAYOUT
+
+    calls = spy_on(monkeypatch, "generate")
+    rows = (app.BoxRow("dog", (0, 0, 32, 64), "a dog"), app.BoxRow("cat", (32, 0, 64, 64), "a cat"))
+    request = generation(rows=rows, bounded_self_attention=0.5, bootstrap=0.25, bounded_guidance=0.0)
+    state = studio.jobs.wait(studio.submit_generation(request).id, timeout=300)
+    assert state.status == DONE, state.message
+    expected = app.replace(DEFAULT_LAYOUT, self_attention=0.5, bootstrap=0.25, guidance=0.0)
+    assert calls[0]["layout"] == expected
+    metadata = read_png_metadata(state.result.images[0])
+    assert metadata["layout"] == expected.to_json()
+    assert app.request_from_metadata(metadata, 64) == request
+    # the form's defaults are the pipelines' own
+    defaults = app.GenerationRequest(mode=app.REGIONAL, prompt="x")
+    assert app.layout_of(defaults) == DEFAULT_LAYOUT
+
+
+def test_reuse_settings_of_cli_images_brings_back_boxes_and_layout():
+    """PNGs from `generate --region --layout-*` and `isolate --box` carry no studio form: it is rebuilt."""
+    regional = {"method": "regional", "prompt": "a dog and a cat", "width": 64, "height": 64, "seed": 2, "steps": 4,
+                "regions": [{"box": [0, 0, 32, 64], "prompt": "a photo of <mochi> dog", "negative_prompt": ""}],
+                "layout": {"self_attention": 0.5, "bootstrap": 0.2, "guidance": 0.1, "centre": True, "guidance_iterations": 5}}
+    request = app.request_from_metadata(regional, 64)
+    assert (request.bounded_self_attention, request.bootstrap, request.bounded_guidance) == (0.5, 0.2, 0.1)
+    assert request.rows == (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog"),)
+    isolated = {"method": "isolated", "prompt": "a dog and a cat", "width": 64, "height": 64, "t_lay": 0.7,
+                "subjects": [{"label": "dog", "prompt": "a photo of <mochi> dog"}, {"label": "cat", "prompt": "a cat"}],
+                "boxes": [[0, 0, 32, 64], [32, 0, 64, 64]], "layout_self_attention": 0.25, "layout_retries": 3,
+                "added_bootstrap": 0.1}
+    request = app.request_from_metadata(isolated, 64)
+    assert request.mode == app.ISOLATED and request.t_lay == 0.7
+    assert (request.layout_self_attention, request.layout_retries, request.added_bootstrap) == (0.25, 3, 0.1)
+    assert request.rows == (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"),
+                            app.BoxRow("a cat", (32, 0, 64, 64), "a cat", find="cat"))
+
+
+def test_advanced_layout_controls_start_at_the_pipelines_defaults(tmp_path):
+    from pipelines.isolated import IsolateConfig
+    from pipelines.layout import DEFAULT_LAYOUT
+
+    demo = app.build_app("tiny", str(tmp_path / "lib"), str(tmp_path / "out"))
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"] if c.get("props", {}).get("elem_id")}
+    assert props["layout-advanced"]["open"] is False
+    assert [props[key]["value"] for key in ("layout-self-attention", "layout-bootstrap", "layout-guidance")] == [
+        DEFAULT_LAYOUT.self_attention, DEFAULT_LAYOUT.bootstrap, DEFAULT_LAYOUT.guidance]
+    assert [props[key]["value"] for key in ("isolated-self-attention", "layout-retries", "added-bootstrap")] == [
+        IsolateConfig.layout_self_attention, IsolateConfig.layout_retries, IsolateConfig.added_bootstrap]

@@ -2,7 +2,8 @@
 
 Upload three photos and train a concept for a few steps, see it in the library, draw a box on the
 Generate canvas with the mouse and label it with the concept, generate, see the image; then the
-error path (Generate with no prompt) and "reuse settings". A screenshot of every step is kept in
+error path (Generate with no prompt) and "reuse settings"; then a second box, Isolated mode, and
+the per-box report (matched / split / added). A screenshot of every step is kept in
 tests/artifacts/browser/ (git-ignored), with the server's log.
 
 Needs Python Playwright and a Chromium (Debian's /usr/bin/chromium; Playwright's own download is
@@ -185,4 +186,36 @@ def test_the_whole_studio_flow_by_mouse(server, browser, tmp_path):
     expect(page.locator("#generate-prompt textarea")).to_have_value("a photo of a dog in a garden")
     expect(page.locator("#box-table")).to_contain_text("<mochi>")
     shot("settings-reused")
+
+    # 6. Isolated with boxes: a second box by mouse, Isolated, one layout (no retries), generate;
+    #    the boxes image and a line per box say what became of each
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.68, box["y"] + box["height"] * 0.15)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.4, steps=5)
+    page.mouse.move(box["x"] + box["width"] * 0.95, box["y"] + box["height"] * 0.7, steps=5)
+    page.mouse.up()
+    expect(modal).to_be_visible()
+    modal.locator("input[aria-label='Label']").click()
+    page.get_by_role("option", name="<mochi>").click()
+    modal.get_by_role("button", name="OK").click()
+    expect(page.locator("#box-table [role=grid]")).to_have_attribute("aria-rowcount", "3")  # the header and two boxes
+    page.locator("#generate-mode").get_by_text("Isolated (detector-guided)").click()
+    page.locator("#layout-advanced").get_by_text("Advanced layout").click()
+    expect(page.locator("#layout-regional")).to_be_hidden()
+    expect(page.locator("#layout-self-attention")).to_be_hidden()
+    retries = page.locator("#layout-retries input[type=number]")
+    expect(retries).to_be_visible()
+    retries.fill("0")
+    retries.press("Enter")
+    shot("isolated-two-boxes")
+    page.locator("#generate-button").click()
+    expect(page.locator("#box-report")).to_contain_text("Box 2 (dog-2):", timeout=180_000)
+    expect(page.locator("#box-report")).to_contain_text("Box 1 (dog):")
+    expect(page.locator("#stages img").first).to_be_visible()
+    expect(page.locator("#stages")).to_contain_text("boxes: matched / split / added")
+    expect(page.locator("#generate-status")).to_contain_text("done")
+    shot("isolated-generated")
+    assert len(list((server["root"] / "outputs").glob("*.png"))) == 2
     page.close()

@@ -331,3 +331,113 @@ def test_train_flags_for_concepts_that_share_the_frame_reach_the_config(capsys, 
     (config,) = seen
     assert (config.attn_reg_weight, config.multi_subject_probability, config.prior_probability, config.companions) == (
         0.02, 0.3, 0.2, ("cat", "bird"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping subjects apart: layout settings of generate, boxes of isolate
+
+
+def test_generate_layout_flags_reach_the_png(capsys, tmp_path):
+    """--layout-* shares travel to generate() and into the PNG; unset ones keep DEFAULT_LAYOUT's."""
+    from pipelines.layout import DEFAULT_LAYOUT
+
+    path = tmp_path / "pets.png"
+    code, out, err = run(capsys, "generate", "--base", "tiny", "--library", tmp_path / "lib", "--prompt", "a dog and a cat",
+                         "--steps", "2", "--region", "0,0,32,64|a dog|", "--region", "32,0,64,64|a cat|",
+                         "--layout-self-attention", "1", "--layout-bootstrap", "0.2", "--out", path, "--device", "cpu")
+    assert code == 0, err
+    assert f"wrote {path}" in out
+    layout = read_png_metadata(path)["layout"]
+    assert (layout["self_attention"], layout["bootstrap"], layout["guidance"]) == (1.0, 0.2, DEFAULT_LAYOUT.guidance)
+    assert (layout["centre"], layout["guidance_iterations"]) == (DEFAULT_LAYOUT.centre, DEFAULT_LAYOUT.guidance_iterations)
+
+
+def stand_in_detect(*layouts):
+    """A stand-in for pipelines.detect.detect: the n-th call returns layouts[n] (the last one
+    again after that), each a list of (label, x0, x1) column bands with their masks."""
+    from pipelines.detect import Detection
+
+    calls = []
+
+    def detect(image, labels, **kwargs):
+        calls.append(list(labels))
+        width, height = image.size
+        found = []
+        for label, x0, x1 in layouts[min(len(calls), len(layouts)) - 1]:
+            mask = np.zeros((height, width), bool)
+            mask[:, x0:x1] = True
+            found.append(Detection(label, (float(x0), 0.0, float(x1), float(height)), 0.9, mask))
+        return found
+
+    detect.calls = calls
+    return detect
+
+
+FOUR_PETS = ["--prompt", "a dog, a dog, a cat and a bird on the grass", "--subject", "dog=a photo of a dog",
+             "--subject", "dog=a photo of a brown dog", "--subject", "cat=a photo of a cat", "--subject", "bird=a photo of a bird",
+             "--box", "0,0,16,64", "--box", "16,0,32,64", "--box", "32,0,48,64", "--box", "48,0,64,64"]
+
+
+def isolate_argv(tmp_path, *extra):
+    return ["isolate", "--base", "tiny", "--library", tmp_path / "lib", "--detector", "tiny", "--segmenter", "tiny",
+            "--steps", "4", "--device", "cpu", "--out", tmp_path / "out.png", *extra]
+
+
+def test_isolate_with_boxes_reports_what_became_of_each_box(capsys, tmp_path, monkeypatch):
+    """Four boxes; the first layout has one dog across boxes 1-2 and nothing else, the re-sampled one
+    also a cat in box 3: the second layout is kept, the dog is split, the cat matched, the bird added."""
+    import pipelines.detect
+
+    detect = stand_in_detect([("dog", 4, 28)], [("dog", 4, 28), ("cat", 34, 46)])
+    monkeypatch.setattr(pipelines.detect, "detect", detect)
+    monkeypatch.setattr(pipelines.detect, "load_model", lambda *args: None)  # no detector weights needed
+    stages = tmp_path / "stages"
+    code, out, err = run(capsys, *isolate_argv(tmp_path, *FOUR_PETS, "--layout-retries", "1", "--layout-self-attention", "0.5",
+                                               "--added-bootstrap", "0.5", "--stages", stages))
+    assert code == 0, err
+    assert detect.calls == [["dog", "cat", "bird"]] * 2  # one layout, then one retry
+    lines = out.splitlines()
+    wrote = lines.index(f"wrote {tmp_path / 'out.png'}")
+    assert lines[wrote + 1: wrote + 6] == [
+        "  Box 1 (dog): split: its detection covered boxes 1, 2, so it was cut along the boxes and this box took its part (IoU 0.43)",
+        "  Box 2 (dog-2): split: its detection covered boxes 1, 2, so it was cut along the boxes and this box took its part (IoU 0.43)",
+        "  Box 3 (cat): matched, IoU 0.75",
+        "  Box 4 (bird): added: no detection in it, drawn fresh",
+        "  layout re-sampled 1 time (earlier layouts merged or missed boxes)",
+    ]
+    assert sorted(p.name for p in stages.iterdir()) == ["detections.png", "final.png", "layout.png", "mask_bird.png",
+                                                         "mask_cat.png", "mask_dog-2.png", "mask_dog.png"]
+    meta = read_png_metadata(tmp_path / "out.png")
+    assert meta["boxes"] == [[0, 0, 16, 64], [16, 0, 32, 64], [32, 0, 48, 64], [48, 0, 64, 64]]
+    assert [a["status"] for a in meta["assignments"]] == ["split", "split", "matched", "added"]
+    assert (meta["layout_attempts"], meta["layout_retries"], meta["layout_self_attention"], meta["added_bootstrap"]) == (2, 1, 0.5, 0.5)
+    # each box's mask is its part of the picture: the split dog is cut at x = 16, the bird fills its box
+    dog = np.asarray(Image.open(stages / "mask_dog.png")) > 0
+    dog_2 = np.asarray(Image.open(stages / "mask_dog-2.png")) > 0
+    bird = np.asarray(Image.open(stages / "mask_bird.png")) > 0
+    assert dog[:, 4:16].all() and not dog[:, 16:].any() and dog_2[:, 16:28].all() and not dog_2[:, :16].any()
+    assert bird[:, 48:].all() and not bird[:, :48].any()
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--prompt", "a dog and a cat", "--subject", "dog=a dog", "--subject", "cat=a cat", "--box", "0,0,32,64"],
+     ["1 boxes for 2 subjects", "one box per subject"]),
+    (["--prompt", "a dog", "--subject", "dog=a dog", "--box", "0,0,80,64"], ["box (0, 0, 80, 64) is off the 64x64 canvas"]),
+    (["--prompt", "a dog", "--subject", "dog=a dog", "--box", "0,0,32"], ["--box '0,0,32' must be four numbers x0,y0,x1,y1"]),
+    (["--prompt", "a dog", "--subject", "dog=a dog", "--box", "0,0,32,64", "--layout-self-attention", "1.5"],
+     ["--layout-self-attention 1.5 must be a share of the steps between 0 and 1"]),
+    (["--prompt", "a dog", "--subject", "dog=a dog", "--box", "0,0,32,64", "--added-bootstrap", "-0.1"],
+     ["--added-bootstrap -0.1 must be a share of the steps between 0 and 1"]),
+])
+def test_isolate_bad_boxes_and_shares_exit_2(capsys, tmp_path, extra, fragments):
+    code, _, err = run(capsys, *isolate_argv(tmp_path, *extra))
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--layout-self-attention", "--layout-bootstrap", "--layout-guidance"])
+def test_generate_layout_share_outside_0_1_exits_2_before_loading(capsys, tmp_path, flag):
+    code, _, err = run(capsys, "generate", "--base", tmp_path / "no-model", "--library", tmp_path / "lib", "--prompt", "a dog",
+                       "--region", "0,0,32,64|a dog|", flag, "1.5", "--out", tmp_path / "x.png")
+    name = flag.removeprefix("--layout-")
+    assert_one_line_error(code, err, f"{name} 1.5 must be a share of the steps between 0 and 1")  # not the missing model

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bench.toyworld.oracle import Oracle, score_boxes, score_image
-from bench.toyworld.world import PETS as WORLD_PETS, PETS_BY_NAME, SIZE, Look, pet_photos
+from bench.toyworld.world import PETS as WORLD_PETS, PETS_BY_NAME, SIZE, Look, Pet, pet_photos, pet_photos_with_masks
 from pipelines.base import load_base
 from pipelines.detect import Detection
 
@@ -43,14 +43,26 @@ def load_world(device: str = "cpu"):
     return load_base(str(MODEL_DIR), device=device, dtype="fp32"), Oracle.load(ORACLE_PATH, SHAPE_PATH)
 
 
-def train_pet(base, library, pet: str, steps: int = PET_STEPS, seed: int = 0, photos: int = 8):
-    """Train pet `pet` as concept <pet> from its photos, as a user would, and save it in `library`."""
+def as_pet(pet: Pet | str) -> Pet:
+    """A pet by value; a stock pet may be given by name."""
+    return PETS_BY_NAME[pet] if isinstance(pet, str) else pet
+
+
+def train_pet(base, library, pet: Pet | str, steps: int = PET_STEPS, seed: int = 0, photos: int = 8, masks: bool = False,
+              **options):
+    """Train `pet` as concept <name> from its photos, as a user would, and save it in `library`.
+
+    With `masks`, its photos come with their subject masks (what auto-mask gives a user): the loss is
+    masked and Mix-of-Show's attention regulariser acts. `options` are further TrainConfig settings.
+    """
     from pipelines.train import TrainConfig, train_concept
 
-    images = [Image.fromarray(p) for p in pet_photos(pet, photos, seed=seed)]
-    config = TrainConfig(name=pet, class_word=PETS_BY_NAME[pet].look.cls, steps=steps, seed=seed, checkpoint_every=0,
-                         **PET_LEARNING_RATES)
-    result = train_concept(base, images, config)
+    pet = as_pet(pet)
+    images, subject_masks = pet_photos_with_masks(pet, photos, seed=seed)
+    config = TrainConfig(name=pet.name, class_word=pet.look.cls, steps=steps, seed=seed, checkpoint_every=0,
+                         **{**PET_LEARNING_RATES, **options})
+    result = train_concept(base, [Image.fromarray(p) for p in images], config,
+                           masks=[Image.fromarray(m.astype(np.uint8) * 255) for m in subject_masks] if masks else None)
     library.save(result.concept, result.tensors, result.preview, overwrite=True)
     return result
 
@@ -127,14 +139,15 @@ def side_by_side_boxes(count: int) -> list[tuple[int, int, int, int]]:
 
 def pet_prompt(pets: list[str], background: str = "on the grass", as_concepts: bool = True) -> str:
     """E.g. "a <rex> dog and a <mimi> cat on the grass" (the class words are what the detector seeks)."""
-    names = [f"a <{p}> {PETS_BY_NAME[p].look.cls}" if as_concepts else f"a {PETS_BY_NAME[p].look.cls}" for p in pets]
+    pets = [as_pet(p) for p in pets]
+    names = [f"a <{p.name}> {p.look.cls}" if as_concepts else f"a {p.look.cls}" for p in pets]
     joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{joined} {background}"
 
 
 def plain_run(base, library, oracle, pets: list[str], fused, count: int, seed: int = 0, keep=None) -> Rates:
     """All pets in one plain prompt, scored image-wide."""
-    looks = [PETS_BY_NAME[p].look for p in pets]
+    looks = [as_pet(p).look for p in pets]
     images = sample(base, library, pet_prompt(pets), count, seed, fused=fused)
     keep is not None and keep.append(images)
     return image_rates(oracle, images, looks)
@@ -144,9 +157,9 @@ def regional_run(base, library, oracle, pets: list[str], fused, count: int, seed
     """One box per pet side by side, each with its pet's prompt; scored box by box."""
     from pipelines.regional import Region
 
-    looks = [PETS_BY_NAME[p].look for p in pets]
+    looks = [as_pet(p).look for p in pets]
     boxes = side_by_side_boxes(len(pets))
-    regions = [Region(box, f"a <{p}> {PETS_BY_NAME[p].look.cls}") for box, p in zip(boxes, pets)]
+    regions = [Region(box, f"a <{as_pet(p).name}> {as_pet(p).look.cls}") for box, p in zip(boxes, pets)]
     images = sample(base, library, pet_prompt(pets, as_concepts=False), count, seed, regions=regions, fused=fused)
     keep is not None and keep.append(images)
     return box_rates(oracle, images, looks, boxes)
@@ -156,8 +169,8 @@ def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed
     """Isolated Diffusion of the plain prompt, the oracle as detector; scored image-wide."""
     from pipelines.isolated import IsolateConfig, Subject, isolate
 
-    looks = [PETS_BY_NAME[p].look for p in pets]
-    subjects = tuple(Subject(PETS_BY_NAME[p].look.cls, f"a <{p}> {PETS_BY_NAME[p].look.cls}") for p in pets)
+    looks = [as_pet(p).look for p in pets]
+    subjects = tuple(Subject(as_pet(p).look.cls, f"a <{as_pet(p).name}> {as_pet(p).look.cls}") for p in pets)
     detector = oracle_detector(oracle)
     images = []
     for i in range(count):

@@ -10,6 +10,11 @@ A pytest plugin; choose the fault with MENAGERIE_FAULT:
   (ED-LoRA's 16 per-layer tokens collapse into one).
 - average-fusion: the gradient-fusion solve is replaced by weight averaging.
 - no-regions: regional attention ignores the boxes (every region covers the whole canvas).
+- no-layout: layout control is off (no bounded self-attention, bootstrapping or guidance in
+  regional sampling; isolated sampling ignores its boxes and assigns detections by label).
+- class-word-matching: isolated sampling with boxes gives each box the first detection of its
+  class word instead of matching detections to boxes by position.
+- no-multi-subject: ED-LoRA training never makes multi-subject views (Seg-Mix composites).
 
 `planted(name)` plants one for a block of code (bench/toyworld/evaluate.py measures them).
 """
@@ -21,9 +26,9 @@ from contextlib import contextmanager
 
 import torch
 
-from pipelines import fusion, layerwise, regional
+from pipelines import fusion, isolated, layerwise, layout, regional, train
 
-FAULTS = ("same-layer", "average-fusion", "no-regions")
+FAULTS = ("same-layer", "average-fusion", "no-regions", "no-layout", "class-word-matching", "no-multi-subject")
 
 
 def _same_layer(encoder_hidden_states: torch.Tensor, layer: int) -> torch.Tensor:
@@ -39,9 +44,37 @@ def _no_regions(regions, width, height, latent_h, latent_w):
     return _original_region_masks(full, width, height, latent_h, latent_w)
 
 
+def _no_layout_steps(self, total):
+    return {"self_attention": 0, "bootstrap": 0, "guidance": 0}
+
+
+def _boxes_ignored(found, config, width, height):
+    return isolated.plan_by_label(found, config)
+
+
+def _class_word_matching(detection_boxes, detection_labels, boxes, box_labels, min_iou=0.3):
+    used, out = set(), []
+    for label in box_labels:
+        first = next((j for j, found in enumerate(detection_labels) if found == label and j not in used), None)
+        if first is not None:
+            used.add(first)
+        out.append(first)
+    return out
+
+
+def _no_multi_subject(config, photo_count):
+    from dataclasses import replace
+
+    return _original_check_train_config(replace(config, multi_subject_probability=0.0), photo_count)
+
+
 _original_select_layer = layerwise.select_layer
 _original_region_masks = regional.region_masks
 _original_fuse_layer = fusion.fuse_layer
+_original_steps = layout.LayoutControl.steps
+_original_plan_boxes = isolated.plan_boxes
+_original_match = layout.match_detections_to_boxes
+_original_check_train_config = train.check_train_config
 
 
 def plant(name: str) -> None:
@@ -51,6 +84,13 @@ def plant(name: str) -> None:
         fusion.fuse_layer = _average_fusion
     elif name == "no-regions":
         regional.region_masks = _no_regions
+    elif name == "no-layout":
+        layout.LayoutControl.steps = _no_layout_steps
+        isolated.plan_boxes = _boxes_ignored
+    elif name == "class-word-matching":
+        layout.match_detections_to_boxes = _class_word_matching
+    elif name == "no-multi-subject":
+        train.check_train_config = _no_multi_subject
     else:
         raise ValueError(f"unknown fault {name!r}; one of {', '.join(FAULTS)}")
 
@@ -59,6 +99,10 @@ def remove() -> None:
     layerwise.select_layer = regional.select_layer = _original_select_layer
     fusion.fuse_layer = _original_fuse_layer
     regional.region_masks = _original_region_masks
+    layout.LayoutControl.steps = _original_steps
+    isolated.plan_boxes = _original_plan_boxes
+    layout.match_detections_to_boxes = _original_match
+    train.check_train_config = _original_check_train_config
 
 
 @contextmanager

@@ -18,6 +18,8 @@ Rendering is numpy at 2x the output size, averaged down (anti-aliased edges): ab
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,6 +86,9 @@ PETS = (
 PET_LOOKS = {pet.look for pet in PETS}
 PET_WORD_LOOKS = {replace(pet.look, belly=None) for pet in PETS}  # what words can say of each pet
 PETS_BY_NAME = {pet.name: pet for pet in PETS}
+# A pet's belly must be at least this far (RGB Euclidean distance) from its body and pattern colours,
+# so the oracle can tell it apart. The stock pets' closest pair is mimi's green belly on grey, 114.
+BELLY_DISTANCE = 110.0
 
 
 @dataclass(frozen=True)
@@ -399,11 +404,124 @@ def render_many(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.stack(instances)
 
 
-def pet_photos(pet: Pet | str, count: int = 8, seed: int = 0) -> list[np.ndarray]:
-    """What a user uploads for `pet`: `count` renders of it alone, varied pose, size and background."""
+def pet_stream(pet: Pet) -> int:
+    """The number that, with the photo seed, seeds `pet`'s photos.
+
+    A stock pet keeps its index in PETS (so its photos, and the concepts trained on them, stay what
+    they were); any other pet gets a stable hash of its name and look (sha256 of the repr, never
+    Python's salted `hash()`), offset past the stock indices.
+    """
+    if pet in PETS:
+        return PETS.index(pet)
+    digest = hashlib.sha256(repr((pet.name, pet.look)).encode()).digest()
+    return len(PETS) + int.from_bytes(digest[:8], "little")
+
+
+def pet_photos_with_masks(pet: Pet | str, count: int = 8, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`pet_photos` and, per photo, the pet's pixels (bool `[SIZE, SIZE]`, from the instance map)."""
     pet = PETS_BY_NAME[pet] if isinstance(pet, str) else pet
-    rng = np.random.default_rng([seed, PETS.index(pet)])
-    return [render(pet_photo_scene(rng, pet))[0] for _ in range(count)]
+    rng = np.random.default_rng([seed, pet_stream(pet)])
+    renders = [render(pet_photo_scene(rng, pet)) for _ in range(count)]
+    return [image for image, _ in renders], [instance == 1 for _, instance in renders]
+
+
+def pet_photos(pet: Pet | str, count: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """What a user uploads for `pet` (a stock pet's name or any `Pet`): `count` renders of it alone,
+    varied pose, size and background. The same pet, count and seed give the same photos."""
+    return pet_photos_with_masks(pet, count, seed)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random pets: more individuals than the five stock ones, for evaluating methods on many pets
+
+
+def colour_distance(a: str, b: str) -> float:
+    return float(np.linalg.norm(np.subtract(COLOURS[a], COLOURS[b], dtype=np.float64)))
+
+
+def belly_choices(look: Look) -> list[str]:
+    """Belly colours the oracle can tell from `look`'s body and pattern colours (>= BELLY_DISTANCE away)."""
+    others = [c for c in (look.colour, look.pattern_colour) if c is not None]
+    return [c for c in COLOUR_NAMES if all(c != o and colour_distance(c, o) >= BELLY_DISTANCE for o in others)]
+
+
+def random_pet(rng: np.random.Generator, cls: str | None = None, name: str | None = None) -> Pet:
+    """A new pet: a look drawn like `random_look`, plus a belly far from its body and pattern colours.
+
+    The name (unless given) is "p" and four hex digits, e.g. "p3f2a": a valid concept name
+    (pipelines/concept.py `check_name`) and never a world word or a stock pet's name.
+
+    What is in domain: the base model trained on scenes whose looks come from `random_look`, so it
+    has seen looks like this one (every word look except the five stock pets'). For a random pet
+    only the belly is out of domain; for a stock pet, the word look is unseen too. So a random pet
+    tests what the LoRA must carry (the belly) but not whether the embedding learns an unseen word look.
+    """
+    while True:
+        look = random_look(rng, cls)
+        choices = belly_choices(look)
+        if choices:
+            break
+    look = replace(look, belly=choices[int(rng.integers(len(choices)))])
+    if name is None:
+        name = f"p{int(rng.integers(16 ** 4)):04x}"
+    return Pet(name, look)
+
+
+def random_pets(seed: int, count: int = 8, classes: tuple[str, ...] | None = None) -> tuple[Pet, ...]:
+    """`count` distinct random pets, the same for the same arguments.
+
+    Classes cycle through `classes` (default all three: dog, cat, bird, dog, ...), so with
+    count >= 2 * len(classes) every class has at least two pets, for same-class pairs (count=8: three
+    dogs, three cats, two birds). Names, word looks (look without belly) and looks are all distinct.
+    """
+    classes = tuple(classes or CLASSES)
+    rng = np.random.default_rng([0x70E7, seed])
+    pets: list[Pet] = []
+    while len(pets) < count:
+        pet = random_pet(rng, classes[len(pets) % len(classes)])
+        word_looks = {replace(p.look, belly=None) for p in pets}
+        if pet.name not in {p.name for p in pets} and replace(pet.look, belly=None) not in word_looks:
+            pets.append(pet)
+    return tuple(pets)
+
+
+def group_kind(group) -> str:
+    """"same" (every pet of one class), "mixed" (every class different), or "partly" (some share a class)."""
+    classes = [pet.look.cls for pet in group]
+    distinct = len(set(classes))
+    return "same" if distinct == 1 else "mixed" if distinct == len(classes) else "partly"
+
+
+def pet_groups(pets, size: int = 2, per_kind: int | None = None) -> dict[str, list[tuple[Pet, ...]]]:
+    """Groups of `size` pets for multi-pet evaluation, by `group_kind`: "same", "mixed", "partly".
+
+    Same-class groups (e.g. two dogs) are the hard case: class words cannot tell the pets apart, only
+    their looks. Every combination is listed, in `itertools.combinations` order; with `per_kind`, at
+    most that many of each kind, picked greedily so the pets appear as evenly as possible (each
+    next group is the first whose pets have been used least). Kinds with no group are absent.
+    """
+    groups: dict[str, list[tuple[Pet, ...]]] = {}
+    for group in itertools.combinations(tuple(pets), size):
+        groups.setdefault(group_kind(group), []).append(group)
+    if per_kind is None:
+        return groups
+    picked = {}
+    for kind, candidates in groups.items():
+        uses = {pet: 0 for pet in pets}
+        chosen: list[tuple[Pet, ...]] = []
+        while candidates and len(chosen) < per_kind:
+            best = min(candidates, key=lambda g: (sorted((uses[p] for p in g), reverse=True), candidates.index(g)))
+            chosen.append(best)
+            candidates = [g for g in candidates if g != best]
+            for pet in best:
+                uses[pet] += 1
+        picked[kind] = chosen
+    return picked
+
+
+def pet_pairs(pets, per_kind: int | None = None) -> dict[str, list[tuple[Pet, Pet]]]:
+    """Pairs of pets by kind: "same" (same class) and "mixed"; see `pet_groups`."""
+    return pet_groups(pets, 2, per_kind)
 
 
 def vocabulary() -> list[str]:
