@@ -98,6 +98,7 @@ class Rates:
     marked: float  # share of (image, expected pet) pairs with an animal of its class and its belly
     placed: float  # boxes only: share of boxes showing more of their own pet's traits than of another's
     count: int
+    failed: float = float("nan")  # share of images with bleeding or a lost pet (a lost pet never reads as bleeding)
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -113,10 +114,12 @@ def rates(scores) -> Rates:
     match = [m for s in scores for m in s.match]
     marked = [m for s in scores for m in s.marked]
     placed = [p for s in scores for p in (s.placed or [])]
+    failed = [s.failed for s in scores if s.failed is not None]
     return Rates(float(np.mean(present)), float(np.mean(identified)), float(np.mean(match)),
                  float(np.mean([all(s.identified) for s in scores])),
                  float(np.mean([s.bleeding for s in scores])), float(np.mean(marked)) if marked else float("nan"),
-                 float(np.mean(placed)) if placed else float("nan"), len(scores))
+                 float(np.mean(placed)) if placed else float("nan"), len(scores),
+                 float(np.mean(failed)) if failed else float("nan"))
 
 
 def image_rates(oracle: Oracle, images, looks: list[Look]) -> Rates:

@@ -342,3 +342,49 @@ def bundle_images(folder: Path, target: Path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# The docs tables
+
+MODE_NAMES = {
+    "plain": "plain prompt (fused)", "regional": "regional today (fused)", "regional_self": "+ bounded self-attention",
+    "regional_bootstrap": "+ bootstrapping (20%)", "regional_guidance": "+ self-attention + guidance (30%)",
+    "regional_all": "+ all three", "isolated": "isolated today (no boxes)", "isolated_boxes": "isolated with boxes",
+    "isolated_boxes_t075": "isolated with boxes, branches from 0.75 T", "isolated_boxes_no_retry": "isolated with boxes, no retry",
+    "fault_no_layout": "fault: no layout control", "fault_class_word_matching": "fault: class-word matching",
+}
+
+
+def cell(rates: dict) -> str:
+    return (f"{rates['separate']:.2f} / {rates['merged']:.2f} / {rates['match']:.2f} / {rates['belly']:.2f} /"
+            f" {rates['swap']:.2f}")
+
+
+def markdown(results: dict, variant: str = "today") -> str:
+    """One row per mode, one column per group: separate / merged / match / belly / swap."""
+    multi = results.get("multi", {}).get(variant, {})
+    names = [name for name in results["groups"] if name in multi]
+    lines = ["| mode | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for mode in MODES:
+        if any(mode in multi[name] for name in names):
+            lines.append(f"| {MODE_NAMES[mode]} | " + " | ".join(cell(multi[name][mode]) if mode in multi[name] else "-"
+                                                               for name in names) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: dict, variant: str = "today") -> str:
+    """Per mode, mean and spread (min-max) of separate and match over the random pets' groups, by size."""
+    multi = results.get("multi", {}).get(variant, {})
+    lines = ["| mode | groups | separate: mean (min-max) | merged | match | swap |", "| --- | --- | --- | --- | --- | --- |"]
+    for size in (2, 3):
+        chosen = [n for n in multi if len(n.split("+")) == size and not all(p in PETS_BY_NAME for p in n.split("+"))]
+        for mode in MODES:
+            rows = [multi[n][mode] for n in chosen if mode in multi[n]]
+            if not rows:
+                continue
+            sep = [r["separate"] for r in rows]
+            lines.append(f"| {MODE_NAMES[mode]} | {len(rows)} of {size} pets | {np.mean(sep):.2f} ({min(sep):.2f}-{max(sep):.2f}) |"
+                         f" {np.mean([r['merged'] for r in rows]):.2f} | {np.mean([r['match'] for r in rows]):.2f} |"
+                         f" {np.mean([r['swap'] for r in rows]):.2f} |")
+    return "\n".join(lines)
