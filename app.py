@@ -31,13 +31,13 @@ import torch
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from pipelines.__main__ import default_library, describe_boxes
+from pipelines.__main__ import default_library
 from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, default_dtype, load_base, resolve_device
 from pipelines.concept import ConceptLibrary
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
 from pipelines.fusion import REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
-from pipelines.isolated import BOX_T_LAY, IsolateConfig, Subject, isolate, save_stages
+from pipelines.isolated import BOX_T_LAY, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
 from pipelines.layout import DEFAULT_LAYOUT, LayoutControl

@@ -697,6 +697,31 @@ def denoise_branches(base: BaseModel, all_latents: torch.Tensor, context: torch.
     return all_latents
 
 
+def describe_boxes(result) -> list[str]:
+    """What became of each box of an isolate run with boxes (`result.assignments`), one line per box,
+    and a line on re-sampled layouts; nothing without boxes. The studio shows the same lines."""
+    from .layout import boxes_spanned
+
+    lines = []
+    for a in result.assignments:
+        head = f"Box {a.index + 1} ({a.subject})"
+        if a.status == "matched":
+            line = f"{head}: matched, IoU {a.iou:.2f}"
+        elif a.status == "split":
+            spanned = boxes_spanned(result.found[a.detection].mask, [b.box for b in result.assignments])
+            line = (f"{head}: split: its detection covered boxes {', '.join(str(i + 1) for i in spanned)}, so it was cut"
+                    f" along the boxes and this box took its part (IoU {a.iou:.2f})")
+        else:
+            line = f"{head}: added: no detection in it, drawn fresh"
+        if a.subject not in result.masks:
+            line += " (but other subjects' masks cover the whole box: left as sampled)"
+        lines.append(line)
+    if result.assignments and result.attempts > 1:
+        retries = result.attempts - 1
+        lines.append(f"layout re-sampled {retries} time{'s' if retries > 1 else ''} (earlier layouts merged or missed boxes)")
+    return lines
+
+
 def draw_assignments(image: Image.Image, result: IsolatedResult) -> Image.Image:
     """Boxes mode: each box in its colour with "1 dog: matched / split / added", and the mask each
     subject was isolated with tinted in its box's colour; unused detections are outlined in grey."""
