@@ -37,7 +37,7 @@ from pipelines.concept import ConceptLibrary
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
 from pipelines.fusion import REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
-from pipelines.isolated import BOX_T_LAY, IsolateConfig, Subject, describe_boxes, isolate, save_stages
+from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
 from pipelines.layout import DEFAULT_LAYOUT, LayoutControl
@@ -179,6 +179,7 @@ class GenerationRequest:
     bounded_guidance: float = DEFAULT_LAYOUT.guidance
     # Advanced layout, Isolated (pipelines.isolated.IsolateConfig)
     layout_self_attention: float = IsolateConfig.layout_self_attention
+    layout_cross_attention: str = IsolateConfig.layout_cross_attention
     layout_retries: int = IsolateConfig.layout_retries
     added_bootstrap: float = IsolateConfig.added_bootstrap
 
@@ -324,7 +325,8 @@ def isolate_config(request: GenerationRequest, index: int = 0) -> IsolateConfig:
                          t_lay=request.t_lay, steps=request.steps, guidance=request.guidance, seed=request.seed + index,
                          width=request.width, height=request.height, box_threshold=request.box_threshold,
                          text_threshold=request.text_threshold, boxes=tuple(row.box for row in rows),
-                         layout_self_attention=request.layout_self_attention, layout_retries=request.layout_retries,
+                         layout_self_attention=request.layout_self_attention,
+                         layout_cross_attention=request.layout_cross_attention, layout_retries=request.layout_retries,
                          added_bootstrap=request.added_bootstrap)
 
 
@@ -660,7 +662,7 @@ def request_from_metadata(metadata: dict, default_size: int) -> GenerationReques
                 "bounded_guidance": layout.get("guidance", DEFAULT_LAYOUT.guidance)}
     if isolated:
         settings.update({key: metadata[key] for key in ("t_lay", "box_threshold", "text_threshold", "layout_self_attention",
-                                                        "layout_retries", "added_bootstrap") if key in metadata})
+                                                        "layout_cross_attention", "layout_retries", "added_bootstrap") if key in metadata})
     return GenerationRequest(
         mode=ISOLATED if isolated else REGIONAL, prompt=metadata.get("prompt", ""),
         negative_prompt=metadata.get("negative_prompt", ""), width=metadata.get("width") or default_size,
@@ -921,6 +923,11 @@ def build_generate_tab(studio: Studio) -> dict:
                         label="Layout self-attention (share of layout steps)", minimum=0, maximum=1, step=0.05,
                         value=defaults.layout_self_attention, elem_id="isolated-self-attention",
                         info="bounded self-attention between the boxes while the layout is sampled")
+                    layout_cross_attention = gr.Radio(
+                        list(LAYOUT_CROSS_ATTENTION), value=defaults.layout_cross_attention, label="Layout cross-attention",
+                        elem_id="layout-cross-attention",
+                        info="in those steps each box sees only its own subject's word of the prompt ('all': and the"
+                             " background sees none); 'off' lets every pixel read every word")
                     layout_retries = gr.Slider(
                         label="Layout retries", minimum=0, maximum=5, step=1, value=defaults.layout_retries, elem_id="layout-retries",
                         info="re-sample the layout (next seed) while a box is missed or two boxes merge; each retry costs one more layout")
@@ -943,7 +950,7 @@ def build_generate_tab(studio: Studio) -> dict:
     history_paths = gr.State(studio.history())
     form = {mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images, table, fused,
             t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap, bounded_guidance, layout_self_attention,
-            layout_retries, added_bootstrap}
+            layout_cross_attention, layout_retries, added_bootstrap}
 
     def on_canvas(value, w, h, current):
         return rows_to_table(rows_from_annotator(value, int(w), int(h), rows_from_table(current), studio.library))
@@ -962,7 +969,8 @@ def build_generate_tab(studio: Studio) -> dict:
                 fused=values[fused] or None, t_lay=float(values[t_lay]), box_threshold=float(values[box_threshold]),
                 text_threshold=float(values[text_threshold]), bounded_self_attention=float(values[bounded_self_attention]),
                 bootstrap=float(values[bootstrap]), bounded_guidance=float(values[bounded_guidance]),
-                layout_self_attention=float(values[layout_self_attention]), layout_retries=int(values[layout_retries]),
+                layout_self_attention=float(values[layout_self_attention]),
+                layout_cross_attention=values[layout_cross_attention], layout_retries=int(values[layout_retries]),
                 added_bootstrap=float(values[added_bootstrap]))
             state = studio.submit_generation(request)
         except UserError as error:
@@ -1001,7 +1009,7 @@ def build_generate_tab(studio: Studio) -> dict:
                 box_threshold: request.box_threshold, text_threshold: request.text_threshold,
                 bounded_self_attention: request.bounded_self_attention, bootstrap: request.bootstrap,
                 bounded_guidance: request.bounded_guidance, layout_self_attention: request.layout_self_attention,
-                layout_retries: request.layout_retries, added_bootstrap: request.added_bootstrap,
+                layout_cross_attention: request.layout_cross_attention, layout_retries: request.layout_retries, added_bootstrap: request.added_bootstrap,
                 canvas: annotator_value(request.width, request.height, rows), table: rows_to_table(rows),
                 status: f"<div>Settings of {html.escape(Path(path).name)} loaded.</div>"}
 
@@ -1016,7 +1024,8 @@ def build_generate_tab(studio: Studio) -> dict:
     history.select(on_pick, history_paths, selected_image)
     reuse_button.click(on_reuse, selected_image, [mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images,
                                                   fused, t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap,
-                                                  bounded_guidance, layout_self_attention, layout_retries, added_bootstrap,
+                                                  bounded_guidance, layout_self_attention, layout_cross_attention,
+                                                  layout_retries, added_bootstrap,
                                                   canvas, table, status])
     return {"canvas": canvas, "fused": fused}
 

@@ -175,7 +175,8 @@ def cmd_isolate(args) -> None:
         negative_prompt=args.negative_prompt, t_lay=args.t_lay, steps=args.steps, guidance=args.guidance, seed=args.seed,
         width=args.width, height=args.height, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
         boxes=tuple(parse_box(b) for b in args.box or []), layout_self_attention=args.layout_self_attention,
-        layout_retries=args.layout_retries, added_bootstrap=args.added_bootstrap,
+        layout_cross_attention=args.layout_cross_attention, layout_retries=args.layout_retries,
+        added_bootstrap=args.added_bootstrap,
     )
     if Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out {args.out!r} must be a .png file")
@@ -311,7 +312,7 @@ def cmd_generate(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .base import DEFAULT_BASE, DTYPES
-    from .isolated import IsolateConfig as IsolateDefaults
+    from .isolated import LAYOUT_CROSS_ATTENTION, IsolateConfig as IsolateDefaults
     from .layout import DEFAULT_LAYOUT
 
     parser = argparse.ArgumentParser(prog="python -m pipelines", description="Menagerie: your own pets, together in one picture.")
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " order (detections are matched to boxes by position, missed subjects are added in their box)")
     p.add_argument("--layout-self-attention", type=float, default=IsolateDefaults.layout_self_attention,
                    help="with --box: share of layout steps in which subjects' boxes do not attend to each other")
+    p.add_argument("--layout-cross-attention", choices=LAYOUT_CROSS_ATTENTION, default=IsolateDefaults.layout_cross_attention,
+                   help="with --box, in those steps: 'boxes' (a box's pixels see no other subject's word of the prompt),"
+                        " 'all' (and the background sees no subject word), 'off'")
     p.add_argument("--layout-retries", type=int, default=IsolateDefaults.layout_retries,
                    help="with --box: re-sample the layout (next seed) this many times while boxes merge or are missed")
     p.add_argument("--added-bootstrap", type=float, default=IsolateDefaults.added_bootstrap,

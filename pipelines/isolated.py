@@ -40,7 +40,7 @@ from PIL import Image
 
 from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
-from .layerwise import concepts_in, encode_layerwise, install_layerwise_attention
+from .layerwise import concepts_in, encode_layerwise, expand_prompt, install_layerwise_attention, known_concepts
 from .performance import unet_forward
 from .sample import decode_latents, denoise, initial_latents, make_scheduler
 
@@ -73,7 +73,10 @@ class IsolateConfig:
     # isolated in its own box; without, wherever the detector finds it.
     boxes: tuple[tuple[int, int, int, int], ...] = ()
     layout_self_attention: float = 1.0  # share of layout steps with bounded self-attention between the boxes
-    layout_retries: int = 1  # layouts re-sampled with the next seed while a box is missed or two boxes merge
+    # Bounded cross-attention in those steps (LAYOUT_CROSS_ATTENTION): "boxes" (a box's pixels see no other subject's word),
+    # "all" (and pixels outside every box see no subject word), or "off"
+    layout_cross_attention: str = "boxes"
+    layout_retries: int = 3  # layouts re-sampled with the next seed while a box is missed or two boxes merge
     added_bootstrap: float = 0.3  # share of branch steps an added subject's branch is bootstrapped in its box
 
 
@@ -81,6 +84,7 @@ class IsolateConfig:
 # the branches redraw each subject at the concept's own size and break the boxes' layout; from
 # 0.3 T they keep it). Without boxes the paper's 0.75 stands.
 BOX_T_LAY = 0.3
+LAYOUT_CROSS_ATTENTION = ("off", "boxes", "all")  # choices (see the field) of IsolateConfig.layout_cross_attention
 PAPER_T_LAY = 0.75
 
 
@@ -400,6 +404,8 @@ def check_isolate_config(config: IsolateConfig, base: BaseModel) -> tuple[int, i
     for name in ("layout_self_attention", "added_bootstrap"):
         if not 0 <= getattr(config, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(config, name)} must be a share of the steps between 0 and 1")
+    if config.layout_cross_attention not in LAYOUT_CROSS_ATTENTION:
+        raise UserError(f"--layout-cross-attention {config.layout_cross_attention!r} must be one of {', '.join(LAYOUT_CROSS_ATTENTION)}")
     if not 0 <= config.layout_retries <= 10:
         raise UserError(f"--layout-retries {config.layout_retries} must be between 0 and 10")
     for attachment in config.attachments:
@@ -594,17 +600,26 @@ def isolate(
 def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor, uncond: torch.Tensor, width: int, height: int,
                   seed: int, lay_index: int, callback, check_cancel) -> tuple[Image.Image, torch.Tensor]:
     """A plain sample of the full prompt (bounded between the boxes, if any): its image and its latent at t_lay."""
-    from .layout import LayoutControl, install_bounded_self_attention, self_attention_biases
+    from .layout import (LayoutControl, cross_attention_biases, install_bounded_self_attention, label_word_positions,
+                         self_attention_biases)
 
     install_layerwise_attention(base.unet)
     bias = None
     bounded_steps = LayoutControl(self_attention=config.layout_self_attention).steps(config.steps)["self_attention"]
     if not config.boxes:
         bounded_steps = 0
+    cross_bias = None
     if bounded_steps:
         install_bounded_self_attention(base.unet)
         factor = base.vae_scale_factor
         bias = self_attention_biases(list(config.boxes), width, height, height // factor, width // factor, base.device, base.dtype)
+        if config.layout_cross_attention != "off":
+            # positions in the prompt as encoded (a concept's <name> becomes its two tokens; every layer's copy aligns)
+            encoded_prompt = expand_prompt(config.prompt, 0, set(known_concepts(base.text_encoder)))
+            words = label_word_positions(base.tokenizer, encoded_prompt, [s.label for s in config.subjects])
+            cross_bias = cross_attention_biases(list(config.boxes), words, base.tokenizer.model_max_length, width, height,
+                                                height // factor, width // factor, base.device, base.dtype,
+                                                block_background=config.layout_cross_attention == "all")
     kept = {}
 
     def keep(i: int, latents: torch.Tensor) -> None:
@@ -618,7 +633,8 @@ def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor,
 
     latents = initial_latents(base, 1, width, height, seed)
     latents = denoise(base, latents, context, uncond, config.steps, config.guidance, "dpm++", progress, None,
-                      self_attention_bias=bias, self_attention_steps=bounded_steps, latents_callback=keep)
+                      self_attention_bias=bias, self_attention_steps=bounded_steps, cross_attention_bias=cross_bias,
+                      latents_callback=keep)
     with torch.no_grad():
         return decode_latents(base, latents)[0], kept["latent"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -186,11 +187,30 @@ class LayerwiseAttnProcessor:
         self.attention = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 self_attention_bias=None):
+                 self_attention_bias=None, cross_attention_bias=None):
         # `self_attention_bias` is for the self-attention layers (pipelines.layout); declared so
-        # diffusers passes it on without a warning, and ignored here
+        # diffusers passes it on without a warning, and ignored here. `cross_attention_bias`
+        # {tokens: [B, 1, N, S]} (layout.cross_attention_biases) bounds which words a pixel sees.
         context = select_layer(encoder_hidden_states, self.layer)
-        return self.attention(attn, hidden_states, context, attention_mask, temb)
+        bias = None if cross_attention_bias is None else cross_attention_bias.get(hidden_states.shape[1])
+        if bias is None:
+            return self.attention(attn, hidden_states, context, attention_mask, temb)
+        return attention_with_bias(attn, hidden_states, context, bias)
+
+
+def attention_with_bias(attn, hidden_states: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One attention layer (SDPA) of `hidden_states` [B, N, C] over `context` [B, S, d] with an
+    additive bias broadcast to [B, heads, N, S]: the bounded attention of `pipelines.layout`."""
+    batch, tokens, channels = hidden_states.shape
+    head_dim = channels // attn.heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, head_dim]
+        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=bias.to(query.dtype))
+    out = attn.to_out[0](out.transpose(1, 2).reshape(batch, tokens, channels).to(query.dtype))
+    return attn.to_out[1](out)
 
 
 def select_layer(encoder_hidden_states: torch.Tensor, layer: int) -> torch.Tensor:

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import UserError
+from .layerwise import attention_with_bias
 from .regional import box_mask, unet_grids
 
 Box = tuple[int, int, int, int]
@@ -143,21 +143,73 @@ class BoundedSelfAttnProcessor:
         self.plain = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 region_context=None, region_masks=None, region_kv=None, self_attention_bias=None):
+                 region_context=None, region_masks=None, region_kv=None, self_attention_bias=None,
+                 cross_attention_bias=None):
         bias = None if self_attention_bias is None else self_attention_bias.get(hidden_states.shape[1])
         if bias is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        batch, tokens, channels = hidden_states.shape
-        head_dim = channels // attn.heads
+        return attention_with_bias(attn, hidden_states, hidden_states, bias)
 
-        def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, head_dim]
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=bias.to(query.dtype))
-        out = out.transpose(1, 2).reshape(batch, tokens, channels).to(query.dtype)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+def bounded_cross_attention_bias(subject_masks: torch.Tensor, subject_words: list[list[int]], length: int,
+                                  block_background: bool = True) -> torch.Tensor:
+    """`[S, N]` bool subject masks and each subject's word positions -> `[N, length]` additive bias.
+
+    Bounded Attention's cross mask, over one shared prompt: a query inside subject i's box may not
+    see the words of any other subject (a word that is also i's stays visible), so "a dog and a cat"
+    puts the dog in the dog's box and the cat in the cat's; with `block_background` a query outside
+    every box sees no subject word, so no extra animal grows between the boxes. Every other token
+    (start of text, fillers, padding) stays visible, so no row is ever fully blocked.
+    """
+    subjects, tokens = subject_masks.shape
+    words = torch.zeros(subjects, length, dtype=torch.bool)
+    for i, positions in enumerate(subject_words):
+        words[i, [p for p in positions if p < length]] = True
+    own = (subject_masks.float().T @ words.float()) > 0  # [N, L]: word belongs to a subject whose box holds q
+    any_word = words.any(0)  # [L]
+    in_subject = subject_masks.any(0)  # [N]
+    blocked = any_word[None, :] & ~own
+    if not block_background:
+        blocked &= in_subject[:, None]
+    bias = torch.zeros(tokens, length)
+    bias[blocked] = float("-inf")
+    return bias
+
+
+def cross_attention_biases(boxes: list[Box], subject_words: list[list[int]], length: int, width: int, height: int,
+                           latent_h: int, latent_w: int, device=None, dtype=torch.float32,
+                           block_background: bool = True) -> dict[int, torch.Tensor]:
+    """{tokens: `[2, 1, N, length]` bias} for every UNet level: the unconditional half of the
+    classifier-free-guidance batch (first, as `sample.denoise` orders it) is left unbounded."""
+    out = {}
+    for tokens, masks in subject_token_masks(boxes, width, height, latent_h, latent_w).items():
+        bias = bounded_cross_attention_bias(masks, subject_words, length, block_background)
+        out[tokens] = torch.stack([torch.zeros_like(bias), bias])[:, None].to(device, dtype)
+    return out
+
+
+def label_word_positions(tokenizer, prompt: str, labels: list[str]) -> list[list[int]]:
+    """Token positions of each subject's label word in `prompt`, the k-th subject of a label taking
+    the k-th mention of it ("a dog and a dog": the first dog is box 0's). A label mentioned fewer
+    times than it has subjects ("two dogs") is shared by all of them (and then bounds nothing
+    between them); plurals count ("cats" for "cat")."""
+    ids = tokenizer(prompt, truncation=True).input_ids
+    words = [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(ids)]
+    mentions = {label: [] for label in labels}
+    for position, word in enumerate(words):
+        for label in mentions:
+            label_ids = tokenizer(label, add_special_tokens=False).input_ids
+            last = tokenizer.convert_ids_to_tokens(label_ids)[-1].replace("</w>", "")
+            if word in (last, last + "s", last + "es"):
+                mentions[label].append(position)
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        k = seen.get(label, 0)
+        seen[label] = k + 1
+        found = mentions[label]
+        out.append([found[k]] if labels.count(label) <= len(found) else list(found))
+    return out
 
 
 def install_bounded_self_attention(unet: torch.nn.Module) -> None:

@@ -123,12 +123,14 @@ def denoise(
     guide=None,
     guidance_steps: int = 0,
     latents_callback: Callable[[int, torch.Tensor], None] | None = None,
+    cross_attention_bias: dict | None = None,
 ) -> torch.Tensor:
     """The sampling loop: CFG on layer-wise encodings `cond`/`uncond` ([B, 16*77, d]).
 
     `cross_attention_kwargs` reach the attention processors (regional sampling passes its regions).
     Layout control (`pipelines.layout`): for the first `self_attention_steps` steps the
-    self-attention layers get `self_attention_bias`; for the first `bootstrap_steps` steps
+    self-attention layers get `self_attention_bias` (and the cross-attention layers
+    `cross_attention_bias`, if given); for the first `bootstrap_steps` steps
     `bootstrap.predict` replaces the prediction inside each box with the box's own branch.
     For the first `guidance_steps` steps `guide.update` first moves the latents along Bounded
     Attention's loss. `latents_callback(i, latents)` sees the latents before step i (isolated sampling keeps one).
@@ -140,6 +142,8 @@ def denoise(
     latents = latents * scheduler.init_noise_sigma
     context = torch.cat([uncond, cond]).to(base.dtype)
     bounded_kwargs = {**(cross_attention_kwargs or {}), "self_attention_bias": self_attention_bias}
+    if cross_attention_bias is not None:  # layer-wise processors only (isolated sampling's layout)
+        bounded_kwargs["cross_attention_bias"] = cross_attention_bias
     for i, t in enumerate(scheduler.timesteps):
         if cancel is not None and cancel.is_set():
             raise Cancelled("sampling cancelled")

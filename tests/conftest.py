@@ -31,6 +31,16 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model ops are microseconds; with 2 cores shared by other jobs, OpenMP threads spinning
+    against each other make every op ~100x slower. Modules of tiny ops use one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory):
     """Point the model cache and the default library at session temp folders, offline."""

@@ -352,7 +352,8 @@ def test_isolated_mode_isolates_each_subject_in_its_drawn_box(studio, monkeypatc
     rows = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"),
             app.BoxRow("<tama>", (32, 8, 64, 56), "a photo of <tama> cat", find="cat"))
     studio.detector = stand_in_detector(("dog", 2, 30))  # the dog in its box; no cat anywhere
-    request = generation(mode=app.ISOLATED, steps=4, rows=rows, layout_self_attention=0.5, layout_retries=0, added_bootstrap=0.4)
+    request = generation(mode=app.ISOLATED, steps=4, rows=rows, layout_self_attention=0.5, layout_retries=0, added_bootstrap=0.4,
+                         layout_cross_attention="off")
     try:
         state = studio.jobs.wait(studio.submit_generation(request).id, timeout=300)
     finally:
@@ -363,6 +364,7 @@ def test_isolated_mode_isolates_each_subject_in_its_drawn_box(studio, monkeypatc
     assert config.boxes == ((0, 0, 32, 64), (32, 8, 64, 56))
     assert [(s.label, s.prompt) for s in config.subjects] == [("dog", "a photo of <mochi> dog"), ("cat", "a photo of <tama> cat")]
     assert (config.layout_self_attention, config.layout_retries, config.added_bootstrap) == (0.5, 0, 0.4)
+    assert config.layout_cross_attention == "off"
     output = state.result
     assert output.boxes == ["Box 1 (dog): matched, IoU 0.88", "Box 2 (cat): added: no detection in it, drawn fresh"]
     assert ("image 1: boxes: matched / split / added" in [caption for _, caption in output.stages])
@@ -401,10 +403,11 @@ def test_reuse_settings_of_cli_images_brings_back_boxes_and_layout():
     isolated = {"method": "isolated", "prompt": "a dog and a cat", "width": 64, "height": 64, "t_lay": 0.7,
                 "subjects": [{"label": "dog", "prompt": "a photo of <mochi> dog"}, {"label": "cat", "prompt": "a cat"}],
                 "boxes": [[0, 0, 32, 64], [32, 0, 64, 64]], "layout_self_attention": 0.25, "layout_retries": 3,
-                "added_bootstrap": 0.1}
+                "added_bootstrap": 0.1, "layout_cross_attention": "all"}
     request = app.request_from_metadata(isolated, 64)
     assert request.mode == app.ISOLATED and request.t_lay == 0.7
     assert (request.layout_self_attention, request.layout_retries, request.added_bootstrap) == (0.25, 3, 0.1)
+    assert request.layout_cross_attention == "all"
     assert request.rows == (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"),
                             app.BoxRow("a cat", (32, 0, 64, 64), "a cat", find="cat"))
 
@@ -418,5 +421,6 @@ def test_advanced_layout_controls_start_at_the_pipelines_defaults(tmp_path):
     assert props["layout-advanced"]["open"] is False
     assert [props[key]["value"] for key in ("layout-self-attention", "layout-bootstrap", "layout-guidance")] == [
         DEFAULT_LAYOUT.self_attention, DEFAULT_LAYOUT.bootstrap, DEFAULT_LAYOUT.guidance]
-    assert [props[key]["value"] for key in ("isolated-self-attention", "layout-retries", "added-bootstrap")] == [
-        IsolateConfig.layout_self_attention, IsolateConfig.layout_retries, IsolateConfig.added_bootstrap]
+    assert [props[key]["value"] for key in ("isolated-self-attention", "layout-cross-attention", "layout-retries", "added-bootstrap")] == [
+        IsolateConfig.layout_self_attention, IsolateConfig.layout_cross_attention, IsolateConfig.layout_retries,
+        IsolateConfig.added_bootstrap]

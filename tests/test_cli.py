@@ -393,7 +393,7 @@ def test_isolate_with_boxes_reports_what_became_of_each_box(capsys, tmp_path, mo
     monkeypatch.setattr(pipelines.detect, "load_model", lambda *args: None)  # no detector weights needed
     stages = tmp_path / "stages"
     code, out, err = run(capsys, *isolate_argv(tmp_path, *FOUR_PETS, "--layout-retries", "1", "--layout-self-attention", "0.5",
-                                               "--added-bootstrap", "0.5", "--stages", stages))
+                                               "--layout-cross-attention", "all", "--added-bootstrap", "0.5", "--stages", stages))
     assert code == 0, err
     assert detect.calls == [["dog", "cat", "bird"]] * 2  # one layout, then one retry
     lines = out.splitlines()
@@ -411,6 +411,7 @@ def test_isolate_with_boxes_reports_what_became_of_each_box(capsys, tmp_path, mo
     assert meta["boxes"] == [[0, 0, 16, 64], [16, 0, 32, 64], [32, 0, 48, 64], [48, 0, 64, 64]]
     assert [a["status"] for a in meta["assignments"]] == ["split", "split", "matched", "added"]
     assert (meta["layout_attempts"], meta["layout_retries"], meta["layout_self_attention"], meta["added_bootstrap"]) == (2, 1, 0.5, 0.5)
+    assert meta["layout_cross_attention"] == "all"
     # each box's mask is its part of the picture: the split dog is cut at x = 16, the bird fills its box
     dog = np.asarray(Image.open(stages / "mask_dog.png")) > 0
     dog_2 = np.asarray(Image.open(stages / "mask_dog-2.png")) > 0

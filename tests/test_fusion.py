@@ -63,14 +63,7 @@ LORA_KEY = re.compile(
 # Fixtures: one tiny model and one library of two concepts for the whole module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds; with 2 cores shared by other jobs, OpenMP threads
-    spinning against each other make every op ~100x slower. One thread keeps the module fast."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread for tiny ops
 
 
 @pytest.fixture(autouse=True)

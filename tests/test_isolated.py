@@ -614,3 +614,43 @@ def test_two_subjects_of_one_class_each_get_their_own_detection_and_concept(fres
     background, first, second = result.latents
     assert torch.allclose(background[:, :, :4], first[:, :, :4], rtol=0, atol=1e-6)
     assert torch.allclose(background[:, :, 4:], second[:, :, 4:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["boxes", "all", "off"])
+def test_layout_with_boxes_bounds_each_box_to_its_own_subject_word(fresh_base, library, monkeypatch, setting):
+    """With boxes the layout runs with bounded cross-attention: in the dog's box the cat's word is
+    -inf and the dog's is not, and the other way round; the unconditional half is untouched;
+    "all" also hides both words from the background; "off" passes no cross bias."""
+    base = fresh_base()
+    seen = []
+    real_denoise = isolated_module.denoise
+
+    def recording_denoise(*args, **kwargs):
+        seen.append(kwargs.get("cross_attention_bias"))
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(isolated_module, "denoise", recording_denoise)
+    detector = stand_in(("dog", 0, 32, 0.9), ("cat", 32, 64, 0.8))
+    subjects = (Subject("dog", "a photo of <mochi> dog"), Subject("cat", "a photo of <tama> cat"))
+    config = IsolateConfig(prompt="a dog and a cat on the grass", subjects=subjects, steps=4, seed=1,
+                           boxes=((0, 16, 32, 64), (32, 16, 64, 64)), layout_cross_attention=setting)
+    isolate(base, library, config, detector=detector)
+    bias = seen[0]  # the layout's call (branches are denoised by their own loop)
+    if setting == "off":
+        assert bias is None
+        return
+    words = base.tokenizer.convert_ids_to_tokens(base.tokenizer("a dog and a cat on the grass").input_ids)
+    dog, cat = words.index("dog</w>"), words.index("cat</w>")
+    full = bias[64 * 64 // 64]  # the finest level: an 8x8 latent of the 64 px tiny model
+    assert full.shape == (2, 1, 64, base.tokenizer.model_max_length)
+    assert (full[0] == 0).all()  # unconditional half
+    grid = full[1, 0].reshape(8, 8, -1)
+    left, right, background = grid[2:, :4], grid[2:, 4:], grid[:2]  # the boxes start 16 px (2 latent rows) down
+    assert torch.isinf(left[..., cat]).all() and (left[..., dog] == 0).all()
+    assert torch.isinf(right[..., dog]).all() and (right[..., cat] == 0).all()
+    if setting == "all":
+        assert torch.isinf(background[..., [dog, cat]]).all()
+    else:
+        assert (background == 0).all()
+    others = [i for i in range(len(words)) if i not in (dog, cat)]
+    assert (grid[..., others] == 0).all()  # start of text, fillers and the end stay visible everywhere

@@ -43,13 +43,7 @@ from pipelines.train import TrainConfig, train_concept
 # Fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model ops are microseconds; OpenMP threads fighting over 2 shared cores make them ~100x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread for tiny ops
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ A pytest plugin; choose the fault with MENAGERIE_FAULT:
 - class-word-matching: isolated sampling with boxes gives each box the first detection of its
   class word instead of matching detections to boxes by position.
 - no-multi-subject: ED-LoRA training never makes multi-subject views (Seg-Mix composites).
+- no-cross-attention: isolated sampling's layout with boxes runs without bounded cross-attention
+  (every pixel reads every subject's word), whatever `layout_cross_attention` says.
 
 `planted(name)` plants one for a block of code (bench/toyworld/evaluate.py measures them).
 """
@@ -28,7 +30,8 @@ import torch
 
 from pipelines import fusion, isolated, layerwise, layout, regional, train
 
-FAULTS = ("same-layer", "average-fusion", "no-regions", "no-layout", "class-word-matching", "no-multi-subject")
+FAULTS = ("same-layer", "average-fusion", "no-regions", "no-layout", "class-word-matching", "no-multi-subject",
+          "no-cross-attention")
 
 
 def _same_layer(encoder_hidden_states: torch.Tensor, layer: int) -> torch.Tensor:
@@ -75,6 +78,7 @@ _original_steps = layout.LayoutControl.steps
 _original_plan_boxes = isolated.plan_boxes
 _original_match = layout.match_detections_to_boxes
 _original_check_train_config = train.check_train_config
+_original_cross_biases = layout.cross_attention_biases
 
 
 def plant(name: str) -> None:
@@ -91,6 +95,8 @@ def plant(name: str) -> None:
         layout.match_detections_to_boxes = _class_word_matching
     elif name == "no-multi-subject":
         train.check_train_config = _no_multi_subject
+    elif name == "no-cross-attention":
+        layout.cross_attention_biases = lambda *args, **kwargs: None
     else:
         raise ValueError(f"unknown fault {name!r}; one of {', '.join(FAULTS)}")
 
@@ -103,6 +109,7 @@ def remove() -> None:
     isolated.plan_boxes = _original_plan_boxes
     layout.match_detections_to_boxes = _original_match
     train.check_train_config = _original_check_train_config
+    layout.cross_attention_biases = _original_cross_biases
 
 
 @contextmanager

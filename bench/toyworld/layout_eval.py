@@ -60,17 +60,20 @@ def layouts():
 # Sampling modes. "isolated" is today's Isolated Diffusion (no boxes, subjects matched by label);
 # the fault modes run isolated sampling with boxes under a planted fault (bench/toyworld/faults.py).
 MODES = ("plain", "regional", "regional_self", "regional_bootstrap", "regional_guidance", "regional_all",
-         "isolated", "isolated_boxes", "isolated_boxes_t075", "isolated_boxes_no_retry",
+         "isolated", "isolated_boxes_no_cross", "isolated_boxes_no_cross_retry3", "isolated_boxes",
+         "isolated_boxes_t075", "isolated_boxes_no_retry",
          "fault_no_layout", "fault_class_word_matching")
 STOCK_MODES = ("plain", "regional", "regional_self", "regional_bootstrap", "regional_guidance", "isolated",
-               "isolated_boxes", "isolated_boxes_t075", "fault_no_layout", "fault_class_word_matching")
-RANDOM_MODES = ("regional", "regional_self", "isolated", "isolated_boxes")
+               "isolated_boxes_no_cross", "isolated_boxes_no_cross_retry3", "isolated_boxes", "fault_no_layout",
+               "fault_class_word_matching")
+RANDOM_MODES = ("plain", "regional", "regional_self", "isolated", "isolated_boxes_no_cross", "isolated_boxes_no_cross_retry3",
+                "isolated_boxes")
 
 
 def modes_for(variant: str, group: str = "") -> tuple[str, ...]:
     if variant == "today":
         return STOCK_MODES if all(p in PETS_BY_NAME for p in group.split("+")) else RANDOM_MODES
-    return ("plain", "regional", "regional_self", "regional_bootstrap", "isolated_boxes")
+    return ("plain", "regional", "regional_self", "regional_bootstrap", "isolated_boxes_no_cross", "isolated_boxes")
 
 
 def groups(random_seed: int = RANDOM_SEED) -> dict[str, tuple[Pet, ...]]:
@@ -78,7 +81,7 @@ def groups(random_seed: int = RANDOM_SEED) -> dict[str, tuple[Pet, ...]]:
     stock = {"+".join(g): tuple(PETS_BY_NAME[p] for p in g) for g in (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"))}
     pets = random_pets(random_seed, 8)
     out = dict(stock)
-    for kind, found in pet_groups(pets, 2, per_kind=2).items():
+    for kind, found in pet_groups(pets, 2, per_kind=4).items():  # 4 same-class and 4 mixed pairs: every pet twice
         if kind in ("same", "mixed"):
             for group in found:
                 out["+".join(p.name for p in group)] = group
@@ -131,6 +134,8 @@ def sample_mode(mode: str, base, library, pets, fused, count: int, seed: int = 0
     options = {} if mode == "isolated" else {"boxes": tuple(boxes)}
     if mode == "isolated_boxes_no_retry":
         options["layout_retries"] = 0
+    if mode.startswith("isolated_boxes_no_cross"):  # the first version: no bounded cross-attention, 1 retry
+        options.update(layout_cross_attention="off", layout_retries=3 if mode.endswith("retry3") else 1)
     if mode == "isolated_boxes_t075":
         options["t_lay"] = 0.75
     planted = nullcontext()
@@ -215,31 +220,31 @@ def single_job(work: Path, variant: str, pet: Pet, samples: int, device: str) ->
     return out
 
 
-def group_job(work: Path, variant: str, name: str, pets, samples: int, device: str, keep: int) -> dict:
+def cell_job(work: Path, variant: str, name: str, pets, mode: str, samples: int, device: str, keep: int) -> dict:
+    """One cell: `pets` drawn by `mode`, scored. Each cell has its own library (fused models are cached there)."""
     from pipelines.fusion import fuse_concepts
 
-    library = library_of(work, variant, pets, name)
-    fused = fuse_concepts(_load(device), library, [p.name for p in pets]).folder
-    out, kept = {}, {}
-    for mode in modes_for(variant, name):
-        base = _load(device)  # sampling starts from the plain toy model every time
-        started = time.time()
-        images, statuses = sample_mode(mode, base, library, pets, fused if mode in ("plain",) or mode.startswith("regional") else None,
-                                       samples)
-        out[mode] = score(images, pets)
-        out[mode]["seconds"] = round(time.time() - started, 1)
-        if statuses is not None and statuses[0]:
-            flat = [s for image in statuses for s in image]
-            out[mode]["boxes"] = {s: round(flat.count(s) / len(flat), 3) for s in ("matched", "split", "added")}
-        kept[mode] = np.stack([np.asarray(im.convert("RGB")) for im in images[:keep]])
-    np.savez_compressed(work / "images" / f"{variant}__{name}.npz", **kept)
+    library = library_of(work, variant, pets, f"{name}__{mode}")
+    base = _load(device)  # sampling starts from the plain toy model every time
+    fused = None
+    if mode == "plain" or mode.startswith("regional"):
+        fused = fuse_concepts(base, library, [p.name for p in pets]).folder
+    started = time.time()
+    images, statuses = sample_mode(mode, base, library, pets, fused, samples)
+    out = score(images, pets)
+    out["seconds"] = round(time.time() - started, 1)
+    if statuses is not None and statuses[0]:
+        flat = [s for image in statuses for s in image]
+        out["boxes"] = {s: round(flat.count(s) / len(flat), 3) for s in ("matched", "split", "added")}
+    kept = np.stack([np.asarray(im.convert("RGB")) for im in images[:keep]])
+    np.savez_compressed(work / "images" / f"{variant}__{name}__{mode}.npz", images=kept)
     return out
 
 
 def run_job(job: tuple) -> tuple:
     kind, key, args = job
     try:
-        result = {"train": train_job, "single": single_job, "group": group_job}[kind](*args)
+        result = {"train": train_job, "single": single_job, "cell": cell_job}[kind](*args)
         return kind, key, result, None
     except Exception:  # a failed job is reported and the rest go on
         return kind, key, None, traceback.format_exc()
@@ -303,20 +308,25 @@ def main() -> None:
         save()
         later = [] if args.no_single else [("single", f"{v}/{p.name}", (work, v, p, args.samples, args.device))
                                            for v in variants for p in pets if p.name not in results.get("single", {}).get(v, {})]
-        later += [("group", f"{v}/{name}", (work, v, name, group, args.samples, args.device, args.keep))
-                  for name, group in table.items() for v in variants if name not in results.get("multi", {}).get(v, {})]
+        later += [("cell", f"{v}/{name}/{mode}", (work, v, name, group, mode, args.samples, args.device, args.keep))
+                  for v in variants for name, group in table.items() for mode in modes_for(v, name)
+                  if mode not in results.get("multi", {}).get(v, {}).get(name, {})]
+        later.sort(key=lambda job: job[0] == "cell" and "fault_" in job[1])  # the planted faults last
         done = []
 
         def record(outcome):  # runs in the pool's result thread, as each job finishes
             kind, key, result, error = outcome
-            variant, name = key.split("/", 1)
             if error:
                 results.setdefault("errors", {})[key] = error
+            elif kind == "single":
+                variant, name = key.split("/")
+                results.setdefault("single", {}).setdefault(variant, {})[name] = result
             else:
-                results.setdefault("single" if kind == "single" else "multi", {}).setdefault(variant, {})[name] = result
+                variant, name, mode = key.split("/")
+                results.setdefault("multi", {}).setdefault(variant, {}).setdefault(name, {})[mode] = result
             print(f"{kind} {key} {'FAILED' if error else json.dumps(result)[:300]}", flush=True)
             done.append(key)
-            save(images=kind == "group")
+            save(images=kind == "cell")
 
         for job in later:
             pool.apply_async(run_job, (job,), callback=record)
@@ -329,12 +339,11 @@ def main() -> None:
 
 
 def bundle_images(folder: Path, target: Path) -> None:
-    """All `variant__group.npz` files of `folder` as one npz, keys `variant__group__mode`."""
+    """All `variant__group__mode.npz` files of `folder` as one npz, keys `variant__group__mode`."""
     arrays = {}
     for path in sorted(folder.glob("*.npz")):
-        with np.load(path) as cells:
-            for mode in cells.files:
-                arrays[f"{path.stem}__{mode}"] = cells[mode]
+        with np.load(path) as cell:
+            arrays[path.stem] = cell["images"]
     tmp = target.with_name(target.stem + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, target)
@@ -352,6 +361,8 @@ MODE_NAMES = {
     "regional_bootstrap": "+ bootstrapping (20%)", "regional_guidance": "+ self-attention + guidance (30%)",
     "regional_all": "+ all three", "isolated": "isolated today (no boxes)", "isolated_boxes": "isolated with boxes",
     "isolated_boxes_t075": "isolated with boxes, branches from 0.75 T", "isolated_boxes_no_retry": "isolated with boxes, no retry",
+    "isolated_boxes_no_cross": "isolated with boxes, first version (no cross bound, 1 retry)",
+    "isolated_boxes_no_cross_retry3": "isolated with boxes, first version with 3 retries",
     "fault_no_layout": "fault: no layout control", "fault_class_word_matching": "fault: class-word matching",
 }
 
@@ -361,25 +372,25 @@ def cell(rates: dict) -> str:
             f" {rates['swap']:.2f}")
 
 
-def markdown(results: dict, variant: str = "today") -> str:
-    """One row per mode, one column per group: separate / merged / match / belly / swap."""
+def markdown(results: dict, variant: str = "today", names=None, modes=MODES) -> str:
+    """One row per mode, one column per group (all, or `names`): separate / merged / match / belly / swap."""
     multi = results.get("multi", {}).get(variant, {})
-    names = [name for name in results["groups"] if name in multi]
+    names = [name for name in (names or results["groups"]) if name in multi]
     lines = ["| mode | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for mode in MODES:
+    for mode in modes:
         if any(mode in multi[name] for name in names):
             lines.append(f"| {MODE_NAMES[mode]} | " + " | ".join(cell(multi[name][mode]) if mode in multi[name] else "-"
                                                                for name in names) + " |")
     return "\n".join(lines)
 
 
-def summary(results: dict, variant: str = "today") -> str:
+def summary(results: dict, variant: str = "today", modes=MODES) -> str:
     """Per mode, mean and spread (min-max) of separate and match over the random pets' groups, by size."""
     multi = results.get("multi", {}).get(variant, {})
     lines = ["| mode | groups | separate: mean (min-max) | merged | match | swap |", "| --- | --- | --- | --- | --- | --- |"]
     for size in (2, 3):
         chosen = [n for n in multi if len(n.split("+")) == size and not all(p in PETS_BY_NAME for p in n.split("+"))]
-        for mode in MODES:
+        for mode in modes:
             rows = [multi[n][mode] for n in chosen if mode in multi[n]]
             if not rows:
                 continue
