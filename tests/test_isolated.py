@@ -654,3 +654,29 @@ def test_layout_with_boxes_bounds_each_box_to_its_own_subject_word(fresh_base, l
         assert (background == 0).all()
     others = [i for i in range(len(words)) if i not in (dog, cat)]
     assert (grid[..., others] == 0).all()  # start of text, fillers and the end stay visible everywhere
+
+
+def test_layout_cross_bias_finds_the_words_after_a_concept_in_the_full_prompt(fresh_base, library, monkeypatch):
+    """With a fused model the full prompt may name concepts: `<mochi>` is encoded as its two tokens,
+    so the subjects' words must be found in the expanded prompt, not in the raw text (where
+    "<mochi>" is three tokens and every later position is off by one)."""
+    from pipelines.layerwise import expand_prompt, known_concepts
+
+    base = fresh_base()
+    apply_concept(base, "mochi", library.weights("mochi"))
+    seen = []
+    real_denoise = isolated_module.denoise
+    monkeypatch.setattr(isolated_module, "denoise", lambda *a, **k: seen.append(k["cross_attention_bias"]) or real_denoise(*a, **k))
+    prompt = "a <mochi> dog and a cat"
+    config = IsolateConfig(prompt=prompt, subjects=(Subject("dog", "a <mochi> dog"), Subject("cat", "a cat")), steps=2,
+                           boxes=((0, 0, 32, 64), (32, 0, 64, 64)))
+    with torch.no_grad():
+        context = encode_layerwise(base.tokenizer, base.text_encoder, [prompt])
+        uncond = encode_layerwise(base.tokenizer, base.text_encoder, [""])
+    isolated_module.sample_layout(base, config, context, uncond, 64, 64, 0, 1, None, lambda: None)
+    tokens = base.tokenizer.convert_ids_to_tokens(base.tokenizer(expand_prompt(prompt, 0, set(known_concepts(base.text_encoder)))).input_ids)
+    dog, cat = tokens.index("dog</w>"), tokens.index("cat</w>")
+    grid = seen[0][64][1, 0].reshape(8, 8, -1)
+    blocked_left = torch.isinf(grid[:, :4]).all(0).all(0).nonzero().flatten().tolist()
+    blocked_right = torch.isinf(grid[:, 4:]).all(0).all(0).nonzero().flatten().tolist()
+    assert (blocked_left, blocked_right) == ([cat], [dog])
