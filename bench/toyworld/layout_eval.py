@@ -359,7 +359,7 @@ if __name__ == "__main__":
 MODE_NAMES = {
     "plain": "plain prompt (fused)", "regional": "regional today (fused)", "regional_self": "+ bounded self-attention",
     "regional_bootstrap": "+ bootstrapping (20%)", "regional_guidance": "+ self-attention + guidance (30%)",
-    "regional_all": "+ all three", "isolated": "isolated today (no boxes)", "isolated_boxes": "isolated with boxes",
+    "regional_all": "+ all three", "isolated": "isolated today (no boxes)", "isolated_boxes": "**isolated with boxes** (bounded cross-attention, 3 retries)",
     "isolated_boxes_t075": "isolated with boxes, branches from 0.75 T", "isolated_boxes_no_retry": "isolated with boxes, no retry",
     "isolated_boxes_no_cross": "isolated with boxes, first version (no cross bound, 1 retry)",
     "isolated_boxes_no_cross_retry3": "isolated with boxes, first version with 3 retries",
