@@ -14,6 +14,9 @@ each a small pure function or processor over the user's boxes:
   latent outside the box replaced by a noised constant-colour latent, so the box starts with a
   subject of its own; optionally the branch is shifted so the box sits in the middle of the canvas
   (StreamMultiDiffusion's mask-centring), where the model likes to draw a lone subject.
+- **Bounded cross-attention** (Bounded Attention's cross mask, over one shared prompt): a pixel
+  in subject i's box does not read the other subjects' words, so "a dog and a cat" puts each
+  class in its own box (isolated sampling's layout; measured in docs/toyworld.md).
 - **Matching detections to boxes** (our Isolated Diffusion with boxes): an optimal assignment on
   box IoU among detections of the box's class word (never by the word alone: two dogs must work),
   a detection spanning two boxes counts as merged, and it can be split by the boxes.

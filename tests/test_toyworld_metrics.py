@@ -302,3 +302,18 @@ def test_oracle_identifies_random_pets_from_their_photos(oracle):
         photos = world.pet_photos(pet, 8, seed=9)
         rate = np.mean([any(f.look == pet.look for f in fs) for fs in oracle.describe(photos)])
         assert rate >= 0.75, (pet, rate)
+
+
+def test_layout_eval_groups_cover_every_random_pet_with_same_class_pairs():
+    """The docs table's groups: the 3 stock groups, 4 same-class and 4 mixed pairs over all 8
+    random pets, and 2 triples; the same seed always gives the same groups."""
+    from bench.toyworld.layout_eval import groups
+    from bench.toyworld.world import group_kind, random_pets
+
+    table = groups()
+    assert list(table)[:3] == ["rex+bolt", "rex+mimi", "rex+bolt+mimi"]
+    pairs = [g for name, g in table.items() if len(g) == 2 and name not in ("rex+bolt", "rex+mimi")]
+    assert sorted(group_kind(g) for g in pairs) == ["mixed"] * 4 + ["same"] * 4
+    assert {p.name for g in pairs for p in g} == {p.name for p in random_pets(12, 8)}
+    assert sum(len(g) == 3 for name, g in table.items() if name != "rex+bolt+mimi") == 2
+    assert list(groups()) == list(table)

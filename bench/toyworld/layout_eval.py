@@ -81,7 +81,7 @@ def groups(random_seed: int = RANDOM_SEED) -> dict[str, tuple[Pet, ...]]:
     stock = {"+".join(g): tuple(PETS_BY_NAME[p] for p in g) for g in (("rex", "bolt"), ("rex", "mimi"), ("rex", "bolt", "mimi"))}
     pets = random_pets(random_seed, 8)
     out = dict(stock)
-    for kind, found in pet_groups(pets, 2, per_kind=4).items():  # 4 same-class and 4 mixed pairs: every pet twice
+    for kind, found in pet_groups(pets, 2, per_kind=4).items():  # 4 same-class and 4 mixed pairs: all 8 pets
         if kind in ("same", "mixed"):
             for group in found:
                 out["+".join(p.name for p in group)] = group
