@@ -90,9 +90,10 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (bf16 where the GPU has it), float32 on the CPU."""
+    """Half precision on accelerators (bf16 where the GPU has it natively, Ampere on), float32 on the CPU."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (T4, V100, RTX 20xx, GTX 10xx) is slow: those cards get fp16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32
@@ -319,11 +320,12 @@ def load_base(name: str = DEFAULT_BASE, device: str | torch.device | None = None
             raise UserError(_offline_help(name)) from None
         is_test_model = False
 
-    # 2. Keep what Menagerie uses, frozen, on the device
+    # 2. Keep what Menagerie uses, frozen, on the device, in `dtype` (diffusers before 0.40 ignores
+    # `dtype=` with a warning and loads float32, so the cast is not left to the loader)
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
         module.requires_grad_(False)
         module.eval()
-        module.to(device)
+        module.to(device=device, dtype=dtype)
     return BaseModel(
         name=name,
         tokenizer=pipe.tokenizer,

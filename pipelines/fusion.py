@@ -177,7 +177,7 @@ class GramRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        return {k: v.double().cpu() for k, v in self.grams.items()}
+        return {k: v.cpu().double() for k, v in self.grams.items()}
 
 
 @contextmanager
@@ -248,9 +248,16 @@ def cache_key(base: BaseModel, library, names: list[str], config: FusionConfig) 
     return digest.hexdigest()[:20]
 
 
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where the float64 fusion solve runs: on `device`, except on Apple's MPS, which has no float64."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], grams: list[dict[str, torch.Tensor]],
            config: FusionConfig, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Fuse every layer in `w0s`; returns (fused weights, per-layer report)."""
+    device = float64_device(device)
     fused, report, pinvs = {}, {}, {}
     for name, w0 in w0s.items():
         group = input_group(name)
@@ -358,7 +365,7 @@ def fuse_concepts(
             with recording(text_modules) as recorder:
                 for prompt in fusion_prompts(name):
                     _encode_unpadded(base, [expand_prompt(prompt, layer, set(names)) for layer in range(NUM_LAYERS)])
-                text_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
+                text_grams.append({k: v.cpu().double() for k, v in recorder.grams.items()})
             progress(f"text encoder inputs of <{name}>")
         set_active_adapters(base.text_encoder, [])
         fused_text = _fuse_into(base, base.text_encoder, "text_encoder", text_layers, text_deltas, text_grams, config, reports)
@@ -382,7 +389,7 @@ def fuse_concepts(
                     keep.append(layer_ids.index(base.tokenizer.eos_token_id))  # the (only, unpadded) end-of-text
                     rows = hidden[layer, keep].float()
                     group = f"{module_name}.kv"
-                    grams[group] = grams.get(group, 0) + (rows.T @ rows).double().cpu()
+                    grams[group] = grams.get(group, 0) + (rows.T @ rows).cpu().double()
             kv_grams.append(grams)
             progress(f"cross-attention inputs of <{name}>")
         fused_kv = _fuse_into(base, base.unet, "unet", kv_layers, unet_deltas, kv_grams, config, reports)
@@ -412,7 +419,7 @@ def fuse_concepts(
                     model_input = scheduler.scale_model_input(latents, t)
                     noise = base.unet(model_input.to(base.dtype), t, encoder_hidden_states=context).sample.float()
                     latents = scheduler.step(noise, t, latents).prev_sample
-                spatial_grams.append({k: v.double().cpu() for k, v in recorder.grams.items()})
+                spatial_grams.append({k: v.cpu().double() for k, v in recorder.grams.items()})
             progress(f"UNet inputs of <{name}>")
         set_active_adapters(base.unet, [])
         fused_spatial = _fuse_into(base, base.unet, "unet", spatial_layers, unet_deltas, spatial_grams, config, reports)

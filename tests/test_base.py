@@ -126,3 +126,36 @@ def test_parse_dtype():
     assert parse_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(UserError, match="--dtype 'fp64' is not known"):
         parse_dtype("fp64", cpu)
+
+
+def test_cuda_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch):
+    """`is_bf16_supported()` counts emulation (T4, V100, RTX 20xx): those cards must get fp16.
+    A stand-in for such a card says yes only when emulation counts."""
+    from pipelines.base import default_dtype
+
+    def emulated_only(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    assert default_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert default_dtype(torch.device("mps")) == torch.float16 and default_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_load_base_casts_to_the_dtype_even_if_diffusers_ignores_it(tiny_dir, monkeypatch):
+    """diffusers 0.35-0.39 ignore `dtype=` (with a warning) and load float32; the loaded model must
+    still be in the dtype `BaseModel.dtype` reports."""
+    from diffusers import StableDiffusionPipeline
+
+    real = StableDiffusionPipeline.from_pretrained.__func__
+
+    def ignoring_dtype(cls, *args, **kwargs):
+        kwargs.pop("dtype", None)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(ignoring_dtype))
+    base = load_base("tiny", device="cpu", dtype="bf16")
+    assert base.dtype == torch.bfloat16
+    for module in (base.unet, base.text_encoder, base.vae):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}

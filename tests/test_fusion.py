@@ -621,3 +621,22 @@ def test_cli_fuse_refuses_different_base_models(model_dir, other_base_library, t
     assert not (tmp_path / "r.json").exists()
     assert main(["fuse", "--base", str(model_dir), "--library", str(other_base_library.root), "--concepts", "mochi,ghost",
                  "--device", "cpu"]) == 2
+
+
+def test_fusion_solve_on_mps_runs_in_float64_on_the_cpu():
+    """Apple's MPS has no float64: the solve must move to the CPU there. On this machine a tensor
+    moved to "mps" raises, so `_solve` asked for MPS works only if it never goes there."""
+    assert fusion.float64_device("mps") == torch.device("cpu")
+    assert fusion.float64_device(torch.device("cpu")) == torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    w0 = {"layer": torch.randn(3, 4, generator=generator)}
+    deltas = [{"layer": 0.1 * torch.randn(3, 4, generator=generator, dtype=torch.float64)} for _ in range(2)]
+    grams = []
+    for _ in range(2):
+        x = torch.randn(8, 4, generator=generator, dtype=torch.float64)
+        grams.append({fusion.input_group("layer"): x.T @ x})
+    fused, report = fusion._solve(w0, deltas, grams, FusionConfig(), torch.device("mps"))
+    expected = fuse_layer(w0["layer"].double(), [d["layer"] for d in deltas], [g[fusion.input_group("layer")] for g in grams],
+                          rcond=FusionConfig().rcond)
+    assert fused["layer"].device.type == "cpu" and fused["layer"].dtype == torch.float64
+    assert torch.allclose(fused["layer"], expected)
