@@ -182,8 +182,9 @@ def bounded_cross_attention_bias(subject_masks: torch.Tensor, subject_words: lis
 def cross_attention_biases(boxes: list[Box], subject_words: list[list[int]], length: int, width: int, height: int,
                            latent_h: int, latent_w: int, device=None, dtype=torch.float32,
                            block_background: bool = True) -> dict[int, torch.Tensor]:
-    """{tokens: `[2, 1, N, length]` bias} for every UNet level: the unconditional half of the
-    classifier-free-guidance batch (first, as `sample.denoise` orders it) is left unbounded."""
+    """{tokens: `[2, 1, N, length]` bias} for every UNet level, for a guidance batch of one image
+    (isolated sampling's layout): the unconditional half (first, as `sample.denoise` orders it) is
+    left unbounded."""
     out = {}
     for tokens, masks in subject_token_masks(boxes, width, height, latent_h, latent_w).items():
         bias = bounded_cross_attention_bias(masks, subject_words, length, block_background)
@@ -196,15 +197,15 @@ def label_word_positions(tokenizer, prompt: str, labels: list[str]) -> list[list
     the k-th mention of it ("a dog and a dog": the first dog is box 0's). A label mentioned fewer
     times than it has subjects ("two dogs") is shared by all of them (and then bounds nothing
     between them); plurals count ("cats" for "cat")."""
-    ids = tokenizer(prompt, truncation=True).input_ids
-    words = [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(ids)]
-    mentions = {label: [] for label in labels}
-    for position, word in enumerate(words):
-        for label in mentions:
-            label_ids = tokenizer(label, add_special_tokens=False).input_ids
-            last = tokenizer.convert_ids_to_tokens(label_ids)[-1].replace("</w>", "")
-            if word in (last, last + "s", last + "es"):
-                mentions[label].append(position)
+    def words_of(text: str, special: bool) -> list[str]:
+        ids = tokenizer(text, add_special_tokens=special, truncation=True).input_ids
+        return [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(ids)]
+
+    words = words_of(prompt, True)
+    mentions = {}
+    for label in set(labels):
+        last = words_of(label, False)[-1]  # a label of several tokens is found by its last one
+        mentions[label] = [i for i, word in enumerate(words) if word in (last, last + "s", last + "es")]
     seen: dict[str, int] = {}
     out = []
     for label in labels:
