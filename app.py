@@ -7,6 +7,7 @@ results. It adds no ML of its own.
     python app.py                     # default Hub base model (loaded when first needed)
     python app.py --base tiny         # built-in random test model: runs offline, images are noise
     python app.py --port 7860 --concepts-dir ./concepts --outputs-dir ./outputs
+    python app.py --safety-checker on # screen every image (the default on Hugging Face Spaces)
 
 Tabs: Concepts (train a pet from photos; the library), Compose (fuse concepts), Generate (regional
 or isolated sampling with boxes drawn on a canvas; history of past images).
@@ -36,13 +37,14 @@ from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _off
 from pipelines.concept import ConceptLibrary
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
 from pipelines.errors import UserError
-from pipelines.fusion import REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
+from pipelines.fusion import FUSED_FORMAT, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
 from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
 from pipelines.layout import DEFAULT_LAYOUT, LayoutControl
 from pipelines.regional import Region
-from pipelines.sample import SampleConfig, generate, read_png_metadata, save_png
+from pipelines.safety import blocked_note, configure_safety, safety_enabled
+from pipelines.sample import DEFAULT_NEGATIVE_PROMPT, SampleConfig, generate, read_png_metadata, save_png
 from pipelines.train import TrainConfig, check_train_config, load_training_set, parse_companions, train_concept
 
 REGIONAL = "Regional (Mix-of-Show)"
@@ -109,8 +111,9 @@ class BaseModels:
     memory). Only the job worker calls `get`, one job at a time, so the model needs no lock.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, safety_checker: bool = False):
         self.name = name
+        self.safety_checker = safety_checker  # screen every generated image (pipelines.safety)
         self.model = None
         self.trained_in = False  # a training run left its adapters in `model`
         self.error: str | None = None  # the last load failure, for the status panel
@@ -124,10 +127,12 @@ class BaseModels:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                self.model = load_base(self.name)
+                model = load_base(self.name)
             except UserError as error:
                 self.error = str(error)
                 raise
+            configure_safety(model, self.safety_checker)  # on and not loadable: the job fails, no image goes unscreened
+            self.model = model
             self.error, self.trained_in = None, False
         return self.model
 
@@ -161,7 +166,7 @@ class BoxRow:
 class GenerationRequest:
     mode: str  # REGIONAL or ISOLATED
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     width: int = 512
     height: int = 512
     seed: int = 0
@@ -231,12 +236,14 @@ def label_color(label: str) -> tuple[int, int, int]:
 
 
 def concept_of(label: str, library: ConceptLibrary) -> str | None:
-    """The concept a box label names (`<mochi>` or `mochi`), or None for free text."""
+    """The usable concept a box label names (`<mochi>` or `mochi`), or None for free text (or a
+    concept the library lacks or holds damaged, which Generate refuses with its reason)."""
     text = label.strip()
     names = concepts_in(text)
+    usable = usable_names(library)
     if len(names) == 1 and text == f"<{names[0]}>":
-        return names[0]
-    return text if text in library.names() else None
+        return names[0] if names[0] in usable else None
+    return text if text in usable else None
 
 
 def default_row(label: str, box: tuple[int, int, int, int], library: ConceptLibrary) -> BoxRow:
@@ -295,12 +302,14 @@ def rows_from_table(table) -> list[BoxRow]:
 
 
 def check_rows(rows: list[BoxRow], library: ConceptLibrary) -> None:
-    """Refuse boxes without a label or prompt, and labels naming a concept the library lacks."""
-    known = library.names()
+    """Refuse boxes without a label or prompt, and labels naming a concept the library lacks or holds damaged."""
+    known, damaged = library.names(), library.damaged()
     for i, row in enumerate(rows, start=1):
         if not row.label:
             raise UserError(f"box {i} has no label; click the box, press E and pick a concept (or type what it is)")
         for name in concepts_in(row.label) + concepts_in(row.prompt) + concepts_in(row.negative_prompt):
+            if name in damaged:
+                raise UserError(f"box {i}: {damaged[name]}")
             if name not in known:
                 raise UserError(f"box {i} names the concept <{name}>, which is not in the library"
                                 f" (known: {', '.join('<' + n + '>' for n in known) or 'none yet; train one in Concepts'})")
@@ -396,12 +405,14 @@ def queue_markdown(states: list[JobState]) -> str:
 class Studio:
     """What the page can ask for; every method calls `pipelines` and returns plain values."""
 
-    def __init__(self, base_name: str, library_dir: str | os.PathLike, outputs_dir: str | os.PathLike):
+    def __init__(self, base_name: str, library_dir: str | os.PathLike, outputs_dir: str | os.PathLike,
+                 safety_checker: bool | None = None):
         self.base_name = base_name
         self.library = ConceptLibrary(library_dir)
         self.outputs = Path(outputs_dir).expanduser()
         self.outputs.mkdir(parents=True, exist_ok=True)
-        self.models = BaseModels(base_name)
+        # the safety checker: None follows the platform (on for Hugging Face Spaces, off elsewhere)
+        self.models = BaseModels(base_name, safety_enabled(None) if safety_checker is None else safety_checker)
         self.jobs = JobQueue()
         self.library_version = 0  # bumped on every change, so polling pages know to redraw
         self.load_problem = base_problem(base_name)
@@ -430,6 +441,7 @@ class Studio:
             lines[0] += f" · **free GPU memory** {free / 2**30:.1f} of {total / 2**30:.1f} GiB"
         else:
             lines[0] += " · no GPU"
+        lines[0] += f" · **safety checker** {'on' if self.models.safety_checker else 'off'}"
         problem = self.models.error or (self.load_problem if model is None else None)
         if problem:
             lines.append(f"⚠ **The base model cannot be loaded.** {problem}. Restart with `python app.py --base PATH_OR_ID`,"
@@ -539,7 +551,11 @@ class Studio:
         return str(fused.folder)
 
     def fused_models(self) -> list[dict]:
-        return list_fused(self.library)
+        """The cached fused models that fit the base: every one of its architecture once it is loaded;
+        before that, those made on the base of this name (loading it only to list would take a minute)."""
+        if self.models.model is not None:
+            return list_fused(self.library, base=self.models.model)
+        return [r for r in list_fused(self.library) if r.get("base_model") == self.models.name and r.get("format") == FUSED_FORMAT]
 
     # -- Generate --------------------------------------------------------------------------------
 
@@ -548,6 +564,9 @@ class Studio:
         if not request.prompt.strip():
             raise UserError("the prompt is empty; describe the whole picture, e.g. 'a dog and a cat in a hot spring'")
         check_rows(list(request.rows), self.library)
+        if request.fused is None:
+            for name in concepts_in(request.prompt) + concepts_in(request.negative_prompt):
+                self.library.get(name)  # unknown or damaged concepts fail now, not in the queue
         if request.mode == ISOLATED and not request.rows:
             raise UserError("Isolated mode needs subjects: draw a box for each pet and label it with its concept")
         if request.mode not in (REGIONAL, ISOLATED):
@@ -575,7 +594,9 @@ class Studio:
         stem = self._new_stem()
         paths = [str(save_png(image, self.outputs / f"{stem}-{i + 1}.png", self._metadata(result.metadata, request, i)))
                  for i, image in enumerate(result.images)]
-        return GenerationOutput(images=paths)
+        note = "; ".join(n for n in (blocked_note(result.blocked, len(result.images)), result.metadata.get("fused_note", "")) if n)
+        job.update(message=note)
+        return GenerationOutput(images=paths, message=note)
 
     def _isolate(self, job: Job, base, request: GenerationRequest) -> GenerationOutput:
         output, stem = GenerationOutput(), self._new_stem()
@@ -595,6 +616,8 @@ class Studio:
             output.boxes += [f"Image {i + 1}: {line}" for line in lines] if request.num_images > 1 else lines
             if result.message:
                 output.message = result.message
+        if result.metadata.get("fused_note"):
+            output.message = "; ".join(n for n in (output.message, result.metadata["fused_note"]) if n)
         job.update(message=output.message)
         return output
 
@@ -675,7 +698,8 @@ def request_from_metadata(metadata: dict, default_size: int) -> GenerationReques
 
 
 def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
-    """Gallery items (preview, caption) and table rows for every concept in the library."""
+    """Gallery items (preview, caption) and table rows for every concept in the library; a damaged
+    one has a row saying what is wrong (it can still be picked for Delete) and no gallery item."""
     gallery, rows = [], []
     for concept in library.list():
         preview = library.preview_path(concept.name)
@@ -684,8 +708,15 @@ def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
             caption += " · test model (noise)"
         if preview is not None:
             gallery.append((str(preview), caption))
-        rows.append([concept.token, concept.class_word, concept.photo_count, concept.base_model, concept.created])
+        rows.append([concept.token, concept.class_word, concept.photo_count, concept.base_model, concept.created, ""])
+    for name, problem in library.damaged().items():
+        rows.append([f"<{name}>", "", "", "", "", f"⚠ {problem}"])
     return gallery, rows
+
+
+def usable_names(library: ConceptLibrary) -> list[str]:
+    """The concepts the Compose and Generate pickers offer: damaged ones are left out."""
+    return [concept.name for concept in library.list()]
 
 
 def fused_rows(records: list[dict]) -> list[list]:
@@ -702,6 +733,19 @@ def report_rows(report: dict) -> list[list]:
     """Per concept: mean and max relative output error of the method, and of weight averaging."""
     return [[f"<{name}>", round(s["mean_relative_error"], 5), round(s["max_relative_error"], 5),
              round(s["weight_average_mean_relative_error"], 5)] for name, s in report.get("summary", {}).items()]
+
+
+def report_flags(report: dict) -> str:
+    """Markdown warning for the layers the fusion report flags (far above their peers), '' if none."""
+    flagged = report.get("outliers", [])
+    if not flagged:
+        return ""
+    lines = [f"- `{r['layer']}` keeps &lt;{r['concept']}&gt; with relative error {r['relative_error']:.3f},"
+             f" {r['relative_error'] / max(r['median_of_kind'], 1e-12):.0f}x the median of its kind" for r in flagged[:8]]
+    more = f"\n- … and {len(flagged) - 8} more" if len(flagged) > 8 else ""
+    return (f"⚠ **{len(flagged)} layer(s) fused far worse than their peers.** One eigenvalue cutoff serves every layer;"
+            f" where it drops directions a concept needs, fuse again with a smaller cutoff"
+            f" (`python -m pipelines fuse --rcond 1e-4`, docs/architecture.md).\n" + "\n".join(lines) + more)
 
 
 def fused_choices(records: list[dict]) -> list[tuple[str, str]]:
@@ -830,7 +874,7 @@ def build_compose_tab(studio: Studio) -> dict:
     gr.Markdown("Fuse two or more concepts into one model (Mix-of-Show gradient fusion), or average their weights to compare."
                 " Generate fuses on the fly when a picture names several concepts; fusing here first lets you see the report.")
     with gr.Row():
-        names = gr.CheckboxGroup(label="Concepts", choices=studio.library.names(), elem_id="compose-concepts")
+        names = gr.CheckboxGroup(label="Concepts", choices=usable_names(studio.library), elem_id="compose-concepts")
         method = gr.Radio(label="Method", choices=[("gradient fusion", "gradient"), ("weight averaging", "weight")], value="gradient")
     fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
     status = gr.HTML(elem_id="fuse-status")
@@ -840,6 +884,7 @@ def build_compose_tab(studio: Studio) -> dict:
     report = gr.Dataframe(headers=["concept", "mean relative error", "max relative error", "weight averaging, mean"],
                           label="Fusion report: relative output error per concept (lower keeps the concept better)",
                           interactive=False, elem_id="fusion-report")
+    flags = gr.Markdown(elem_id="fusion-flags")
 
     def on_fuse(concepts: list[str], chosen: str):
         try:
@@ -852,28 +897,31 @@ def build_compose_tab(studio: Studio) -> dict:
         records = studio.fused_models()
         shown = next((r for r in records if r["folder"] == state.result), None)
         yield {status: progress_html(state), fused_table: fused_rows(records),
-               report: report_rows(fused_report(shown)) if shown else gr.skip()}
+               report: report_rows(fused_report(shown)) if shown else gr.skip(),
+               flags: report_flags(fused_report(shown)) if shown else gr.skip()}
 
     def on_select(evt: gr.SelectData):
         records = studio.fused_models()
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        return report_rows(fused_report(records[row])) if row < len(records) else []
+        shown = fused_report(records[row]) if row < len(records) else {}
+        return report_rows(shown), report_flags(shown)
 
-    fuse_button.click(on_fuse, [names, method], [status, fused_table, report], concurrency_limit=None)
-    fused_table.select(on_select, None, report)
+    fuse_button.click(on_fuse, [names, method], [status, fused_table, report, flags], concurrency_limit=None)
+    fused_table.select(on_select, None, [report, flags])
     return {"names": names, "fused_table": fused_table}
 
 
 def build_generate_tab(studio: Studio) -> dict:
     """Mode, prompts, canvas with labelled boxes, box table, settings; results, stages and history."""
     size = studio.default_size
-    tokens = [f"<{n}>" for n in studio.library.names()]
+    tokens = [f"<{n}>" for n in usable_names(studio.library)]
     defaults = GenerationRequest(mode=REGIONAL, prompt="")
     with gr.Row():
         with gr.Column(scale=3):
             mode = gr.Radio(label="Method", choices=[REGIONAL, ISOLATED], value=REGIONAL, elem_id="generate-mode")
             prompt = gr.Textbox(label="Prompt (the whole picture)", placeholder="a dog and a cat in a hot spring", elem_id="generate-prompt")
-            negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+            negative = gr.Textbox(label="Negative prompt (Mix-of-Show's standard one by default)", value=DEFAULT_NEGATIVE_PROMPT,
+                                  placeholder="blurry, low quality")
             with gr.Row():
                 width = gr.Slider(label="Width", minimum=32, maximum=1024, step=8, value=size)
                 height = gr.Slider(label="Height", minimum=32, maximum=1024, step=8, value=size)
@@ -1030,8 +1078,9 @@ def build_generate_tab(studio: Studio) -> dict:
     return {"canvas": canvas, "fused": fused}
 
 
-def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, studio: Studio | None = None) -> gr.Blocks:
-    studio = studio or Studio(base_name, library_dir, outputs_dir or Path(library_dir).parent / "outputs")
+def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, studio: Studio | None = None,
+              safety_checker: bool | None = None) -> gr.Blocks:
+    studio = studio or Studio(base_name, library_dir, outputs_dir or Path(library_dir).parent / "outputs", safety_checker)
 
     with gr.Blocks(title="Menagerie") as demo:
         gr.Markdown("# Menagerie\nYour own pets, together in one picture: train each pet as a concept, then compose them.")
@@ -1041,7 +1090,7 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
         status = gr.Markdown(studio.status_markdown(), elem_id="status")
         queue = gr.Markdown(queue_markdown(studio.jobs.jobs()), elem_id="queue")
         library_gallery = gr.Gallery(label="Concepts", columns=6, height="auto", render=False, elem_id="library-gallery")
-        library_table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created"], label="Concept details",
+        library_table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created", "problem"], label="Concept details",
                                      interactive=False, render=False, elem_id="library-table")
         with gr.Tab("Concepts"):
             concepts = build_concepts_tab(studio, [library_gallery, library_table])
@@ -1069,11 +1118,11 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
 
         def library_views(studio: Studio) -> dict:
             gallery, rows = library_rows(studio.library)
-            names = studio.library.names()
-            tokens = [f"<{n}>" for n in names]
+            names, usable = studio.library.names(), usable_names(studio.library)  # a damaged concept can only be deleted
+            tokens = [f"<{n}>" for n in usable]
             records = studio.fused_models()
             return {library_gallery: gallery, library_table: rows, concepts["selected"]: gr.update(choices=names, value=None),
-                    compose["names"]: gr.update(choices=names), compose["fused_table"]: fused_rows(records),
+                    compose["names"]: gr.update(choices=usable), compose["fused_table"]: fused_rows(records),
                     generation["fused"]: gr.update(choices=fused_choices(records)),
                     generation["canvas"]: gr.update(label_list=tokens, label_colors=[label_color(t) for t in tokens])}
 
@@ -1093,8 +1142,11 @@ def main() -> None:
     parser.add_argument("--outputs-dir", default=str(storage / "outputs") if storage else "outputs", help="where generated images are saved")
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--share", action="store_true")
+    parser.add_argument("--safety-checker", choices=["on", "off"], default=None,
+                        help="screen every generated image with Stable Diffusion's safety checker (flagged ones turn black);"
+                             " default: on when running on Hugging Face Spaces, off elsewhere")
     args = parser.parse_args()
-    demo = build_app(args.base, args.concepts_dir, args.outputs_dir)
+    demo = build_app(args.base, args.concepts_dir, args.outputs_dir, safety_checker=safety_enabled(args.safety_checker))
     studio = demo.studio
     demo.queue(default_concurrency_limit=1).launch(
         server_port=args.port, share=args.share, css=CSS, allowed_paths=[str(studio.library.root), str(studio.outputs)])

@@ -168,11 +168,12 @@ def cmd_isolate(args) -> None:
     from .errors import UserError
     from .isolated import IsolateConfig, describe_boxes, isolate, parse_subject, save_stages
     from .layout import parse_box
+    from .safety import configure_safety, safety_enabled
     from .sample import save_png
 
     config = IsolateConfig(
         prompt=args.prompt, subjects=tuple(parse_subject(s) for s in args.subject or []), attachments=tuple(args.attachment or []),
-        negative_prompt=args.negative_prompt, t_lay=args.t_lay, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        negative_prompt=negative_prompt_of(args), t_lay=args.t_lay, steps=args.steps, guidance=args.guidance, seed=args.seed,
         width=args.width, height=args.height, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
         boxes=tuple(parse_box(b) for b in args.box or []), layout_self_attention=args.layout_self_attention,
         layout_cross_attention=args.layout_cross_attention, layout_retries=args.layout_retries,
@@ -182,6 +183,7 @@ def cmd_isolate(args) -> None:
         raise UserError(f"--out {args.out!r} must be a .png file")
     library = ConceptLibrary(args.library)
     base = load_configured_base(args)
+    configure_safety(base, safety_enabled(args.safety_checker))
     result = isolate(base, library, config, detector=args.detector, segmenter=args.segmenter, fused=args.fused)
     save_png(result.final, args.out, result.metadata)
     print(f"wrote {args.out}")
@@ -192,6 +194,8 @@ def cmd_isolate(args) -> None:
         print(f"wrote stages (layout, detections, masks, final) to {args.stages}")
     if result.message:
         print(f"note: {result.message}")
+    if result.metadata.get("fused_note"):
+        print(f"note: {result.metadata['fused_note']}")
     if base.is_test_model:
         print(f"note: {TEST_MODEL_NOTE}")
 
@@ -201,14 +205,17 @@ def cmd_concepts(args) -> None:
 
     library = ConceptLibrary(args.library)
     if args.action == "list":
-        concepts = library.list()
+        concepts, damaged = library.list(), library.damaged()
         if args.json:
-            print(json.dumps([c.to_json() for c in concepts], indent=2, sort_keys=True))
-        elif not concepts:
+            print(json.dumps([c.to_json() for c in concepts] + [{"name": n, "problem": p} for n, p in damaged.items()],
+                             indent=2, sort_keys=True))
+        elif not concepts and not damaged:
             print(f"no concepts in {library.root}")
         else:
             for c in concepts:
                 print(f"{c.token:<24} {c.class_word:<10} {c.photo_count:>3} photos  {c.base_model}  {c.created}")
+            for name, problem in damaged.items():
+                print(f"{'<' + name + '>':<24} damaged: {problem} (`concepts delete {name}` removes it)")
     elif args.action == "show":
         concept = library.get(args.name)
         record = concept.to_json()
@@ -231,6 +238,12 @@ def cmd_concepts(args) -> None:
             base = load_base(args.base, device=args.device or "cpu")
         concept = library.import_file(args.file, name=args.name, base=base, overwrite=args.overwrite)
         print(f"imported <{concept.name}> ({concept.class_word}) into {library.root}")
+
+
+def negative_prompt_of(args) -> str:
+    from .sample import DEFAULT_NEGATIVE_PROMPT
+
+    return DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
 
 
 def cmd_fuse(args) -> None:
@@ -258,7 +271,8 @@ def cmd_fuse(args) -> None:
     cancel = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        fused = fuse_concepts(base, library, names, FusionConfig(method=args.method), out_dir=args.out, callback=report, cancel=cancel)
+        fused = fuse_concepts(base, library, names, FusionConfig(method=args.method, rcond=FusionConfig.rcond if args.rcond is None else args.rcond), out_dir=args.out,
+                              callback=report, cancel=cancel)
     finally:
         if bar is not None:
             bar.close()
@@ -266,6 +280,11 @@ def cmd_fuse(args) -> None:
     for name, row in fused.report.get("summary", {}).items():
         print(f"  <{name}>: mean relative output error {row['mean_relative_error']:.4f}"
               f" (weight averaging {row['weight_average_mean_relative_error']:.4f})")
+    for row in fused.report.get("outliers", [])[:10]:
+        print(f"  flagged: {row['layer']} keeps <{row['concept']}> with relative error {row['relative_error']:.3f},"
+              f" {row['relative_error'] / max(row['median_of_kind'], 1e-12):.0f}x its peers' median; try a smaller --rcond")
+    if fused.note:
+        print(f"note: {fused.note}")
     if args.report:
         Path(args.report).write_text(json.dumps(fused.report, indent=1, sort_keys=True) + "\n")
         print(f"wrote report {args.report}")
@@ -277,10 +296,11 @@ def cmd_generate(args) -> None:
     from .errors import UserError
     from .layout import DEFAULT_LAYOUT, check_layout_control
     from .regional import load_regions, parse_region
+    from .safety import blocked_note, configure_safety, safety_enabled
     from .sample import SampleConfig, check_size, generate, save_png
 
     config = SampleConfig(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        prompt=args.prompt, negative_prompt=negative_prompt_of(args), steps=args.steps, guidance=args.guidance,
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, lora_scale=args.lora_scale,
     )
@@ -297,11 +317,16 @@ def cmd_generate(args) -> None:
     check_layout_control(layout)
     library = ConceptLibrary(args.library)
     base = load_configured_base(args)
+    configure_safety(base, safety_enabled(args.safety_checker))
     result = generate(base, library, config, regions=regions, fused=args.fused, layout=layout)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
         save_png(image, path, {**result.metadata, "seed": config.seed, "index": i})
         print(f"wrote {path}")
+    if result.blocked:
+        print(f"note: {blocked_note(result.blocked, len(result.images))}")
+    if result.metadata.get("fused_note"):
+        print(f"note: {result.metadata['fused_note']}")
     if base.is_test_model:
         print(f"note: {TEST_MODEL_NOTE}")
 
@@ -342,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def library_flag(p):
         p.add_argument("--library", default=default_library(), help="concept library folder (default: ./concepts or $MENAGERIE_LIBRARY)")
+
+    def safety_flag(p):
+        p.add_argument("--safety-checker", choices=["on", "off"], default=None,
+                       help="run Stable Diffusion's safety checker on every image (flagged ones are saved black);"
+                            " default: on when running on Hugging Face Spaces (SPACE_ID set), off elsewhere")
 
     p = sub.add_parser("tiny-model", help="write the tiny random SD1.5-structured test model to DIR")
     p.add_argument("dir")
@@ -412,8 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     performance_flags(p)
     library_flag(p)
+    safety_flag(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (default: Mix-of-Show's standard negative prompt; '' for none)")
     p.add_argument("--out", required=True, help="output .png (with several images: name_1.png, name_2.png, ...)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -455,11 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     performance_flags(p)
     library_flag(p)
+    safety_flag(p)
     detector_flags(p)
     p.add_argument("--prompt", required=True, help="the full scene, e.g. 'a dog and a cat in a hot spring'")
     p.add_argument("--subject", action="append", help="'label=branch prompt', e.g. 'dog=<mochi> dog'; repeat per subject")
     p.add_argument("--attachment", action="append", help="'label=prompt' for a subject, or a prompt for the whole scene")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (default: Mix-of-Show's standard negative prompt; '' for none)")
     p.add_argument("--t-lay", type=float, default=None,
                    help="layout time as a fraction of the schedule (0-1; default 0.75, or 0.3 with --box: measured in docs/toyworld.md)")
     p.add_argument("--out", required=True, help="final .png")
@@ -491,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     library_flag(p)
     p.add_argument("--concepts", required=True, help="comma-separated concept names, e.g. mochi,tama")
     p.add_argument("--method", default="gradient", choices=["gradient", "weight"], help="gradient fusion (default) or weight averaging")
+    p.add_argument("--rcond", type=float, default=None,
+                   help="eigenvalue cutoff of the gradient-fusion solve, relative to the largest (default 1e-3); a smaller"
+                        " value fits each concept's layer inputs more closely, a larger one generalises more (see"
+                        " docs/architecture.md); try 1e-4 when the report flags layers")
     p.add_argument("--out", default=None, help="folder for the fused model (default: cached in <library>/.fused/<hash>)")
     p.add_argument("--report", default=None, help="also write the fusion report (JSON) here")
     p.set_defaults(func=cmd_fuse)

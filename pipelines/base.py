@@ -1,9 +1,12 @@
 """Base models: load an SD1.5-family model, or build the tiny random test model.
 
 A base model comes from a Hugging Face Hub id (default `stable-diffusion-v1-5/stable-diffusion-v1-5`),
-a local diffusers folder, or a single `.safetensors`/`.ckpt` checkpoint. The special name `tiny`
-builds (once, cached on disk) a tiny random model with the real SD1.5 block structure, so every
-path of Menagerie runs offline on a CPU; its images are noise and are labelled as such.
+a local diffusers folder, or a single `.safetensors`/`.ckpt` checkpoint in the original (CompVis)
+layout. A single file loads with no network: SD1.5's diffusers configs ship in `assets/sd15/`
+(CLIP's tokenizer files are written from the bundled merges at load time), and a file that is not
+an SD1.x model, or a `.ckpt` that pickles Python objects, is refused with the reason. The special
+name `tiny` builds (once, cached on disk) a tiny random model with the real SD1.5 block structure,
+so every path of Menagerie runs offline on a CPU; its images are noise and are labelled as such.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ TEST_MODEL_MARKER = "menagerie_test_model.json"
 # OpenAI CLIP's byte-pair merges (MIT licence), as shipped with CLIP and open_clip. The real
 # tokenizer files (vocab.json, merges.txt) of the tiny model are built from it.
 CLIP_BPE_FILE = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+# The diffusers configs (no weights) of stable-diffusion-v1-5/stable-diffusion-v1-5: single
+# checkpoint files are loaded into this architecture, offline (`single_file_config`)
+SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15"
 TEST_MODEL_NOTE = "noise from a random test model (tiny), not a real image"
 
 
@@ -46,13 +52,15 @@ class BaseModel:
     vae: torch.nn.Module  # diffusers AutoencoderKL
     scheduler_config: dict  # the base's noise schedule; samplers are built from it
     device: torch.device
-    dtype: torch.dtype  # dtype of the frozen weights
+    dtype: torch.dtype  # dtype of the frozen UNet and VAE weights; the text encoder is always float32
     is_test_model: bool  # True for tiny random models: their output is noise
     fingerprint: str  # architecture hash; concepts carry it and are refused on another one
     fused: str | None = None  # folder of the fused model written into these weights, if any
+    fused_note: str = ""  # load_fused's note when that model was fused on another base of the architecture
     loaded_concepts: dict = field(default_factory=dict)  # concept name -> digest of what apply_concept loaded
     performance: Performance = field(default_factory=Performance)  # memory and compile modes (configure_performance)
     compiled_unet: object = None  # the torch.compile wrapper of `unet`, made on first use (performance.unet_forward)
+    safety_checker: object = None  # pipelines.safety.SafetyChecker screening every sampled image while on (configure_safety)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -90,13 +98,22 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (bf16 where the GPU has it natively, Ampere on), float32 on the CPU."""
-    if device.type == "cuda":
-        # emulated bf16 (T4, V100, RTX 20xx, GTX 10xx) is slow: those cards get fp16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "mps":
+    """fp16 on accelerators, float32 on the CPU.
+
+    fp16, not bf16, on every GPU: its 10-bit mantissa keeps a merged LoRA or fused update 8x more
+    exactly (a change of 1e-3 on weights of 0.03 keeps 0.6% relative error in fp16, 5% in bf16;
+    tests/test_base.py), it runs at the same tensor-core rate, and cards before Ampere only emulate
+    bf16. Training in fp16 uses a gradient scaler (train.loss_scaler).
+    """
+    if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.float32
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """Warn where bf16 was asked for on a GPU that only emulates it (T4, V100, RTX 20xx, GTX 10xx)."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("this GPU only emulates bf16, which is slow; --dtype fp16 runs at full speed")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,6 +124,7 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
         return default_dtype(device)
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not known; use one of {', '.join(DTYPES)}")
+    check_dtype_supported(DTYPES[name], device)
     return DTYPES[name]
 
 
@@ -268,22 +286,115 @@ def _offline_help(name: str) -> str:
     )
 
 
+# Two keys of the original (CompVis) layout that tell a checkpoint's family: the first cross-attention
+# layer's key projection, [UNet channels, text width], and the UNet's first conv, [channels, in, 3, 3]
+CROSS_ATTENTION_PROBE = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONV_IN_PROBE = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def _ckpt_conversion(path: Path) -> str:
+    """A shell one-liner that rewrites a trusted .ckpt's tensors as a .safetensors file beside it."""
+    return (f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, weights_only=False);"
+            f" sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous() for k, v in sd.items()"
+            f" if isinstance(v, torch.Tensor)}}, {str(path.with_suffix('.safetensors'))!r})\"")
+
+
+def checkpoint_shapes(name: str, path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's name and shape in a single checkpoint file, without reading a .safetensors'
+    weights (a .ckpt in zip format is memory-mapped).
+
+    Raises:
+        UserError: the file is unreadable, or it is a .ckpt that pickles Python objects besides its
+            tensors (`torch.load(weights_only=True)` refuses those, since unpickling can run any code).
+    """
+    import pickle
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as checkpoint:
+                return {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"--base {name!r} is not a readable .safetensors file ({error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"--base {name!r} holds pickled Python objects besides its weights (e.g. a PyTorch Lightning training state),"
+            f" which are not loaded because unpickling can run any code; if you trust the file, convert it once to"
+            f" .safetensors with {_ckpt_conversion(path)} and pass --base {path.with_suffix('.safetensors')}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise UserError(f"--base {name!r} is not a readable PyTorch checkpoint ({error})") from None
+    while isinstance(state, dict) and "state_dict" in state:  # training checkpoints nest the weights
+        state = state["state_dict"]
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)} if isinstance(state, dict) else {}
+
+
+def check_single_file(name: str, shapes: dict[str, tuple[int, ...]], config_dir: Path) -> None:
+    """Refuse a checkpoint that does not fit the architecture of `config_dir` (SD1.5's), saying what it is."""
+    unet = json.loads((config_dir / "unet" / "config.json").read_text())
+    channels, width, in_channels = unet["block_out_channels"][0], unet["cross_attention_dim"], unet["in_channels"]
+    attention, conv_in = shapes.get(CROSS_ATTENTION_PROBE), shapes.get(CONV_IN_PROBE)
+    if attention == (channels, width) and conv_in is not None and conv_in[1] == in_channels:
+        return
+    if any(key.startswith("conditioner.embedders.") for key in shapes):
+        kind = "an SDXL checkpoint"
+    elif attention is not None and attention[1] != width:
+        kind = f"a model whose UNet reads {attention[1]}-wide text (SD2.x: 1024), not SD1.5's {width}"
+    elif attention is not None and attention[0] != channels:
+        kind = f"a model with {attention[0]} UNet channels, not SD1.5's {channels}"
+    elif attention is not None and conv_in is not None:
+        kind = f"a model whose UNet takes {conv_in[1]} input channels (inpainting models: 9), not {in_channels}"
+    elif any("lora" in key.lower() for key in shapes):
+        kind = "a LoRA, not a whole model"
+    else:
+        kind = "not a Stable Diffusion checkpoint in the original (CompVis) layout"
+    raise UserError(f"--base {name!r} is {kind}; Menagerie loads SD1.5-family models: pass an SD1.5 fine-tune's"
+                    f" .safetensors/.ckpt file or a diffusers folder")
+
+
+def single_file_config(folder: Path, config_dir: Path) -> Path:
+    """`folder` made a complete diffusers config folder (no weights) for `from_single_file`: the
+    configs of `config_dir` plus CLIP's vocab.json and merges.txt, written from the bundled merges
+    (1.5 MB the repository need not carry)."""
+    shutil.copytree(config_dir, folder, dirs_exist_ok=True)
+    write_clip_tokenizer_files(folder / "tokenizer")
+    return folder
+
+
+def dtype_argument(dtype: torch.dtype | dict) -> dict:
+    """diffusers' keyword for the dtype to load in: `dtype` from 0.40 on (where `torch_dtype` is
+    deprecated), `torch_dtype` before (0.35-0.39 ignore `dtype` and load float32)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+
+
 def load_base(name: str = DEFAULT_BASE, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> BaseModel:
     """Load a base model from a Hub id, a local diffusers folder, a single checkpoint, or "tiny".
 
     Args:
         name: Hub id, folder, `.safetensors`/`.ckpt` file, or "tiny" (built-in random test model).
         device: "cpu", "cuda", "cuda:N", "mps"; default the best available.
-        dtype: "fp32", "fp16", "bf16" or a torch dtype; default bf16/fp16 on GPUs, fp32 on the CPU.
+        dtype: "fp32", "fp16", "bf16" or a torch dtype of the UNet and VAE; default fp16 on GPUs,
+            fp32 on the CPU. The text encoder is always float32 (0.25 GB more than half precision):
+            its LoRA updates are ~1e-4 of weights ~0.03, which half precision rounds away.
     Raises:
-        UserError: the path does not exist, the folder is not a diffusers model, or the Hub id is not
-            cached and cannot be downloaded.
+        UserError: the path does not exist, the folder is not a diffusers model, a single file is not an
+            SD1.x checkpoint (or pickles Python objects), or the Hub id is not cached and cannot be downloaded.
     """
     from diffusers import StableDiffusionPipeline
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
-    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # folders and Hub ids load each part in its own dtype; a single file loads in float32 (diffusers
+    # takes no per-part dtype there) and is cast below
+    per_part = dtype_argument({"text_encoder": torch.float32, "default": dtype})
 
     # 1. Find the weights
     if name == TINY:
@@ -294,38 +405,40 @@ def load_base(name: str = DEFAULT_BASE, device: str | torch.device | None = None
         if not (source / "model_index.json").exists():
             raise UserError(f"--base {name!r} is a folder but not a diffusers model (no model_index.json in it)")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True, **common)
+            pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True, **common, **per_part)
         except (OSError, ValueError) as error:
             raise UserError(f"--base {name!r}: could not load the diffusers folder: {error}") from None
         is_test_model = (source / TEST_MODEL_MARKER).exists()
     elif source.is_file():
         if source.suffix not in (".safetensors", ".ckpt"):
             raise UserError(f"--base {name!r}: a single checkpoint must be a .safetensors or .ckpt file")
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(source), **common)
-        except (OSError, ValueError) as error:
-            raise UserError(
-                f"--base {name!r}: could not load the checkpoint ({error}). Single files need SD1.5's config"
-                f" files from the Hub cache once ({DEFAULT_BASE}); or convert the file to a diffusers folder"
-            ) from None
+        check_single_file(name, checkpoint_shapes(name, source), SD15_CONFIG_DIR)
+        with tempfile.TemporaryDirectory() as tmp:  # SD1.5's configs from assets/ and only local files: no network
+            config = single_file_config(Path(tmp) / "config", SD15_CONFIG_DIR)
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(str(source), config=str(config), local_files_only=True, **common,
+                                                                **dtype_argument(torch.float32))
+            except (OSError, ValueError) as error:
+                raise UserError(f"--base {name!r}: could not load the checkpoint as an SD1.5 model ({error})") from None
         is_test_model = False
     elif not _is_hub_id(name):
         raise UserError(f"--base {name!r} does not exist; give a Hub id, a diffusers folder or a .safetensors/.ckpt file")
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(name, local_files_only=offline, **common)
+            pipe = StableDiffusionPipeline.from_pretrained(name, local_files_only=offline, **common, **per_part)
         except (OSError, ValueError) as error:
             logger.debug("loading %s failed: %s", name, error)
             raise UserError(_offline_help(name)) from None
         is_test_model = False
 
-    # 2. Keep what Menagerie uses, frozen, on the device, in `dtype` (diffusers before 0.40 ignores
-    # `dtype=` with a warning and loads float32, so the cast is not left to the loader)
-    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+    # 2. Keep what Menagerie uses, frozen, on the device: the UNet and VAE in `dtype`, the text
+    # encoder in float32, where small text-LoRA and fused updates survive (see `dtype` above). The
+    # cast is not left to the loader alone (a single file loads float32).
+    for module, module_dtype in ((pipe.text_encoder, torch.float32), (pipe.unet, dtype), (pipe.vae, dtype)):
         module.requires_grad_(False)
         module.eval()
-        module.to(device=device, dtype=dtype)
+        module.to(device=device, dtype=module_dtype)
     return BaseModel(
         name=name,
         tokenizer=pipe.tokenizer,

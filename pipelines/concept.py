@@ -8,6 +8,10 @@ Writes are atomic at the level of a whole concept: a new version is written into
 folder and swapped in with renames; if a crash lands between the two renames, opening the library
 restores the previous version. An export is one `.safetensors` file carrying the tensors, the
 record (as safetensors metadata) and the preview.
+
+A damaged entry (a torn or garbage weights file, a missing or invalid record, a format from a newer
+Menagerie) never breaks the listing: `list` leaves it out, `damaged` says what is wrong with it, and
+using it raises a one-line UserError naming the concept; `delete` still removes it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ RECORD_FILE = "concept.json"
 PREVIEW_FILE = "preview.png"
 NAME_RULE = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 FORMAT = "menagerie-edlora-v1"
+RECORD_FIELDS = {"name": str, "class_word": str, "base_model": str, "fingerprint": str, "photo_count": int}  # required
+DAMAGED_FIX = "delete it and train it again, or import it from an export"
 
 
 def check_name(name: str, what: str = "concept name") -> str:
@@ -79,11 +85,33 @@ class Concept:
 
     @classmethod
     def from_json(cls, record: dict) -> "Concept":
+        if not isinstance(record, dict):
+            raise UserError(f"concept record is a JSON {type(record).__name__}, not an object")
+        if not isinstance(record.get("format", FORMAT), str):
+            raise UserError(f"concept record field 'format' is {record['format']!r}; expected text")
+        if record.get("format", FORMAT) != FORMAT:
+            raise newer_format_error("concept record", record["format"])
         known = {f for f in cls.__dataclass_fields__}
-        missing = [f for f in ("name", "class_word", "base_model", "fingerprint", "photo_count") if f not in record]
+        missing = [f for f in RECORD_FIELDS if f not in record]
         if missing:
             raise UserError(f"concept record lacks {', '.join(missing)}")
+        for key, kind in RECORD_FIELDS.items():
+            if not isinstance(record[key], kind) or isinstance(record[key], bool):
+                raise UserError(f"concept record field {key!r} is {record[key]!r}; expected {'an integer' if kind is int else 'text'}")
+        if not isinstance(record.get("settings", {}), dict):
+            raise UserError(f"concept record field 'settings' is {record['settings']!r}; expected an object")
         return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def newer_format_error(what: str, found) -> UserError:
+    """A file written by a newer Menagerie (or not by Menagerie): not damaged, but not readable here."""
+    return UserError(f"{what} has format {found!r}, which this version of Menagerie cannot read (it reads {FORMAT!r});"
+                     f" update Menagerie to use it")
+
+
+def damaged_error(name: str, problem: str) -> UserError:
+    """The one-line error for a concept whose files are damaged: which concept, what is wrong, the fix."""
+    return UserError(" ".join(f"concept {name!r} is damaged: {problem}; {DAMAGED_FIX}".split()))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -114,32 +142,99 @@ class ConceptLibrary:
     # -- reading ---------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RECORD_FILE).exists())
+        """Every concept folder, damaged ones included (`list` holds only the usable ones)."""
+        return sorted(p.name for p in self.root.iterdir() if NAME_RULE.fullmatch(p.name) and self._exists(p.name))
+
+    def _exists(self, name: str) -> bool:
+        folder = self.root / name
+        return folder.is_dir() and ((folder / RECORD_FILE).exists() or (folder / WEIGHTS_FILE).exists())
 
     def list(self) -> list[Concept]:
-        return [self.get(name) for name in self.names()]
+        """The records of the usable concepts; damaged ones are left out (see `damaged`)."""
+        concepts = []
+        for name in self.names():
+            try:
+                concepts.append(self.get(name))
+            except UserError:
+                continue
+        return concepts
+
+    def damaged(self) -> dict[str, str]:
+        """Concept name -> the one-line error that using it raises, for every damaged concept."""
+        problems = {}
+        for name in self.names():
+            try:
+                self.get(name)
+            except UserError as error:
+                problems[name] = str(error)
+        return problems
 
     def path(self, name: str) -> Path:
         return self.root / check_name(name)
 
     def get(self, name: str) -> Concept:
+        """The record of a usable concept. Reads concept.json and the weights file's header, not its tensors.
+
+        Raises UserError for an unknown concept, and a one-line one naming the concept for a damaged one.
+        """
         folder = self.path(name)
-        if not (folder / RECORD_FILE).exists():
+        if not self._exists(name):
             known = ", ".join(self.names()) or "none"
             raise UserError(f"unknown concept {name!r} in library {self.root} (known: {known})")
+        if not (folder / RECORD_FILE).is_file():
+            raise damaged_error(name, f"its {RECORD_FILE} is missing")
         try:
             record = json.loads((folder / RECORD_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"concept {name!r}: {RECORD_FILE} is unreadable ({error})") from None
-        concept = Concept.from_json(record)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise damaged_error(name, f"its {RECORD_FILE} is unreadable ({error})") from None
+        if isinstance(record, dict) and isinstance(record.get("format"), str) and record["format"] != FORMAT:
+            raise newer_format_error(f"concept {name!r}: its {RECORD_FILE}", record["format"])
+        try:
+            concept = Concept.from_json(record)
+        except UserError as error:
+            raise damaged_error(name, f"its {RECORD_FILE} is not a valid record ({error})") from None
+        self._check_weights_header(name)
         concept.name = name  # the folder name is the truth
         return concept
 
-    def weights(self, name: str) -> dict[str, torch.Tensor]:
+    def _check_weights_header(self, name: str) -> None:
+        """The weights file exists and its safetensors header parses and covers the file (a torn file fails)."""
         path = self.path(name) / WEIGHTS_FILE
-        if not path.exists():
-            raise UserError(f"concept {name!r} has no {WEIGHTS_FILE}; delete it and train it again")
-        return load_file(path)
+        if not path.is_file():
+            raise damaged_error(name, f"it has no {WEIGHTS_FILE}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys, metadata = set(handle.keys()), handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise damaged_error(name, f"its {WEIGHTS_FILE} is not a readable .safetensors file ({error})") from None
+        if metadata.get("format", FORMAT) != FORMAT:
+            raise newer_format_error(f"concept {name!r}: its {WEIGHTS_FILE}", metadata["format"])
+        if "embeddings" not in keys:
+            raise damaged_error(name, f"its {WEIGHTS_FILE} holds no 'embeddings' tensor")
+
+    def weights(self, name: str, base=None) -> dict[str, torch.Tensor]:
+        """The concept's tensors, checked (`edlora.check_concept_tensors`); with `base`, also that they fit it.
+
+        Every problem is a one-line UserError naming the concept.
+        """
+        path = self.path(name) / WEIGHTS_FILE
+        if not path.is_file():
+            raise damaged_error(name, f"it has no {WEIGHTS_FILE}")
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:  # a torn file, a corrupt header
+            raise damaged_error(name, f"its {WEIGHTS_FILE} is not a readable .safetensors file ({error})") from None
+        try:
+            check_concept_tensors(tensors)
+        except UserError as error:
+            raise damaged_error(name, f"its {WEIGHTS_FILE} is wrong ({error})") from None
+        if base is not None:
+            try:
+                check_concept_tensors(tensors, base)
+            except UserError as error:
+                raise UserError(" ".join(f"concept {name!r} does not fit the base model {base.name}: {error};"
+                                         f" use the base it was trained on, or retrain it on this one".split())) from None
+        return tensors
 
     def preview_path(self, name: str) -> Path | None:
         path = self.path(name) / PREVIEW_FILE
@@ -195,7 +290,9 @@ class ConceptLibrary:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def delete(self, name: str) -> None:
-        self.get(name)
+        """Remove a concept, a damaged one too."""
+        if not self._exists(check_name(name)):
+            self.get(name)  # raises: unknown concept
         trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
         os.replace(self.path(name), trash)  # one rename: the concept is gone or still whole
         shutil.rmtree(trash, ignore_errors=True)

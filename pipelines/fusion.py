@@ -31,7 +31,13 @@ stored. Inputs follow Mix-of-Show:
 Token embeddings are not fused: each concept keeps its own tokens.
 
 The weight-average baseline (`method="weight"`, Mix-of-Show Eq. 2) is W = W0 + sum_i w_i dW_i, w_i = 1/n.
-A fused model is stored as only what changed: the fused layer weights and the concept token table.
+
+A fused model is stored as only what changed, in float32: the update W - W0 of each fused layer and
+the concept token table. Updates rather than weights, because (1) every SD1.5 fine-tune shares the
+architecture, and fused weights W written into another fine-tune would silently replace its
+layers with the first base's; an update applies to any base of the architecture (with a note when
+the base differs from the one fused on, recognised by a signature of its weights); (2) an update of
+1e-4 on weights of 0.03 does not survive being stored in half precision.
 """
 
 from __future__ import annotations
@@ -61,7 +67,16 @@ METHODS = ("gradient", "weight")
 FUSED_WEIGHTS = "fused.safetensors"
 FUSED_RECORD = "fused.json"
 REPORT_FILE = "report.json"
-FUSED_FORMAT = "menagerie-fused-v1"
+FUSED_FORMAT = "menagerie-fused-v2"  # v2 stores float32 updates W - W0 and the base's signature; v1 stored W
+# A layer is flagged in the report when its relative output error for a concept is this many times
+# the median of its kind of layer (text encoder, UNet K/V, other UNet layers) and above the floor.
+# Healthy toy-world fusions of three pets stay below 5x the median (max 0.19 for K/V layers).
+OUTLIER_RATIO = 10.0
+OUTLIER_FLOOR = 0.05
+# Two bases are the same when every fused layer's weight statistics agree to this relative
+# tolerance. Loading in bf16 moves them by ~1e-3/sqrt(entries): < 1e-4 on the tiny model's 32x32
+# layers, ~2e-6 at SD size; a fine-tune moves weights by percents.
+SIGNATURE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class FusedModel:
     method: str
     record: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    note: str = ""  # set when the fused model was made on another base of the same architecture
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +241,47 @@ def fusion_prompts(name: str) -> list[str]:
     return [f"photo of a <{name}>", f"<{name}>"]
 
 
-def _write_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+def _apply_updates(model: torch.nn.Module, updates: dict[str, torch.Tensor]) -> None:
+    """W = W0 + update (float32) in each named layer of `model`, rounded once to the layer's dtype.
+
+    Fusing and loading a stored fused model both write through here, so both give the same weights."""
     with torch.no_grad():
-        for name, weight in weights.items():
+        for name, update in updates.items():
             linear = linear_of(model, name)
-            linear.weight.copy_(weight.to(linear.weight.device, dtype))
+            weight = linear.weight.detach().float() + update.to(linear.weight.device, torch.float32)
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+def weight_signature(weight: torch.Tensor) -> list[float]:
+    """Statistics that tell one base's layer from another's (sum |w|, sum w, sum w^2), in float64.
+
+    Stable across the dtypes a base loads in, unlike a hash of the bytes."""
+    w = weight.detach().double()
+    return [float(w.abs().sum()), float(w.sum()), float((w * w).sum())]
+
+
+def base_signature(base: BaseModel, layers: list[str]) -> dict[str, list[float]]:
+    """`weight_signature` of the named layers ("text_encoder.<module>" / "unet.<module>") of `base`."""
+    models = {"text_encoder": base.text_encoder, "unet": base.unet}
+    out = {}
+    for name in layers:
+        prefix, module = name.split(".", 1)
+        out[name] = weight_signature(linear_of(models[prefix], module).weight)
+    return out
+
+
+def same_signature(a: dict[str, list[float]], b: dict[str, list[float]], tolerance: float = SIGNATURE_TOLERANCE) -> bool:
+    """True when two signatures describe the same base weights (relative to each layer's scale)."""
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        (abs_a, sum_a, sq_a), (abs_b, sum_b, sq_b) = a[name], b[name]
+        scale = max(abs_a, 1e-12)
+        if abs(abs_a - abs_b) > tolerance * scale or abs(sum_a - sum_b) > tolerance * scale:
+            return False
+        if abs(sq_a - sq_b) > tolerance * max(sq_a, 1e-24):
+            return False
+    return True
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -281,12 +333,14 @@ def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], 
 
 def _fuse_into(base: BaseModel, model: torch.nn.Module, prefix: str, layers: list[str], deltas: list[dict],
                grams: list[dict], config: FusionConfig, reports: dict) -> dict[str, torch.Tensor]:
-    """Solve `layers` of `model`, write the fused weights into it and add their report rows."""
+    """Solve `layers` of `model`, write the fused weights into it, add their report rows; returns
+    the float32 updates W - W0."""
     w0 = {n: linear_of(model, n).weight.detach().float().cpu() for n in layers}
     fused, report = _solve(w0, deltas, grams, config, base.device)
     reports.update({f"{prefix}.{k}": v for k, v in report.items()})
-    _write_weights(model, fused, base.dtype)
-    return fused
+    updates = {n: (fused[n].cpu() - w0[n].double()).float() for n in layers}
+    _apply_updates(model, updates)
+    return updates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +368,8 @@ def fuse_concepts(
     # 1. Check inputs
     if config.method not in METHODS:
         raise UserError(f"--method {config.method!r} is not known; use gradient or weight")
+    if not 0 < config.rcond < 1:
+        raise UserError(f"--rcond {config.rcond} is out of range; use a value between 0 and 1 such as 1e-3 (the default)")
     if not names:
         raise UserError("no concepts selected; name at least one concept to fuse, e.g. --concepts mochi,tama")
     if len(set(names)) != len(names):
@@ -330,13 +386,12 @@ def fuse_concepts(
     if base.fused is not None and Path(base.fused) != folder:
         raise UserError(f"this base model already holds the fused model {base.fused}; load the base again before fusing others")
     if (folder / FUSED_RECORD).exists():
-        cached = json.loads((folder / FUSED_RECORD).read_text())
-        if cached.get("key") == key:
-            fused = load_fused(base, folder)
-            return fused
+        cached = _read_record(folder)
+        if cached.get("key") == key and cached.get("format") == FUSED_FORMAT:
+            return load_fused(base, folder)
 
     started = time.perf_counter()
-    tensors = [library.weights(name) for name in names]
+    tensors = [library.weights(name, base) for name in names]  # a damaged or unfitting file names its concept
     for name, t in zip(names, tensors):
         apply_concept(base, name, t, lora_scale=1.0)
     install_layerwise_attention(base.unet)
@@ -355,6 +410,7 @@ def fuse_concepts(
             callback(stage, done, total)
 
     reports: dict[str, dict] = {}
+    signature = base_signature(base, [f"text_encoder.{n}" for n in text_layers] + [f"unet.{n}" for n in unet_deltas[0]])
     with torch.no_grad():
         # 2. Text encoder: each concept's own model on its two prompts, 16 variants each, unpadded
         text_modules = {n: base.text_encoder.get_submodule(n) for n in text_layers}
@@ -425,17 +481,16 @@ def fuse_concepts(
         fused_spatial = _fuse_into(base, base.unet, "unet", spatial_layers, unet_deltas, spatial_grams, config, reports)
         progress("UNet fused")
 
-    # 5. Save only what changed, and the report
-    weights = {f"text_encoder.{k}": v for k, v in fused_text.items()}
-    weights.update({f"unet.{k}": v for k, v in {**fused_kv, **fused_spatial}.items()})
-    store_dtype = base.dtype if base.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    tensors_out = {k: v.to(store_dtype).cpu().contiguous() for k, v in weights.items()}
+    # 5. Save only what changed (float32 updates W - W0), and the report
+    updates = {f"text_encoder.{k}": v for k, v in fused_text.items()}
+    updates.update({f"unet.{k}": v for k, v in {**fused_kv, **fused_spatial}.items()})
+    tensors_out = {k: v.float().cpu().contiguous() for k, v in updates.items()}
     for name, t in zip(names, tensors):
         tensors_out[f"concepts.{name}"] = t["embeddings"].float().contiguous()
     report = fusion_report(reports, names, config.method)
     record = {
         "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
-        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint,
+        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": signature,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
         "concept_records": [r.to_json() for r in records],
     }
@@ -459,7 +514,38 @@ def fusion_report(layers: dict[str, dict], names: list[str], method: str) -> dic
     return {
         "method": method, "concepts": names, "summary": summary,
         "layers": {k: {"method": dict(zip(names, v["method"])), "weight": dict(zip(names, v["weight"]))} for k, v in layers.items()},
+        "outliers": outlier_layers({k: v["method"] for k, v in layers.items()}, names),
     }
+
+
+def layer_kind(layer: str) -> str:
+    """The peers a layer's fusion error is compared with: text encoder, UNet K/V, other UNet layers."""
+    if layer.startswith("text_encoder."):
+        return "text encoder"
+    return "UNet K/V" if input_group(layer.split(".", 1)[1]).endswith(".kv") else "UNet"
+
+
+def outlier_layers(errors: dict[str, list[float]], names: list[str], ratio: float = OUTLIER_RATIO,
+                   floor: float = OUTLIER_FLOOR) -> list[dict]:
+    """Layers whose relative output error for a concept is far above their peers'.
+
+    `errors` maps "text_encoder.<module>"/"unet.<module>" to one error per concept. A layer is flagged
+    for a concept when its error exceeds `ratio` times the median of its kind (`layer_kind`) for
+    that concept and `floor`. One eigenvalue cutoff serves all layers; on a real model's spectra a
+    layer can lose directions a concept needs, and this is where it shows (then fuse with a smaller
+    `rcond`, `python -m pipelines fuse --rcond 1e-4`).
+    """
+    flagged = []
+    for i, name in enumerate(names):
+        by_kind: dict[str, list[float]] = {}
+        for layer, values in errors.items():
+            by_kind.setdefault(layer_kind(layer), []).append(values[i])
+        medians = {kind: sorted(v)[len(v) // 2] for kind, v in by_kind.items()}
+        for layer, values in errors.items():
+            median = medians[layer_kind(layer)]
+            if values[i] > floor and values[i] > ratio * median:
+                flagged.append({"layer": layer, "concept": name, "relative_error": values[i], "median_of_kind": median})
+    return sorted(flagged, key=lambda row: -row["relative_error"] / max(row["median_of_kind"], 1e-12))
 
 
 def _save_fused(folder: Path, tensors: dict[str, torch.Tensor], record: dict, report: dict) -> None:
@@ -479,38 +565,83 @@ def _save_fused(folder: Path, tensors: dict[str, torch.Tensor], record: dict, re
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _read_record(folder: Path) -> dict:
+    try:
+        record = json.loads((folder / FUSED_RECORD).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"fused model {folder}: its {FUSED_RECORD} cannot be read ({error}); delete the folder and fuse again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"fused model {folder}: its {FUSED_RECORD} is not a record; delete the folder and fuse again")
+    return record
+
+
 def load_fused(base: BaseModel, folder: str | os.PathLike) -> FusedModel:
-    """Make `base` the fused model in `folder`: fused weights written in, concept tokens loaded."""
+    """Make `base` the fused model in `folder`: W0 + stored update written into each fused layer,
+    concept tokens loaded. Any base of the architecture fused on fits; `FusedModel.note` says so
+    when it is not the base the fusion was made on."""
     folder = Path(folder).expanduser()
     if not (folder / FUSED_RECORD).exists() or not (folder / FUSED_WEIGHTS).exists():
         raise UserError(f"--fused {str(folder)!r} is not a fused model folder (no {FUSED_RECORD}/{FUSED_WEIGHTS})")
-    record = json.loads((folder / FUSED_RECORD).read_text())
+    record = _read_record(folder)
+    if record.get("format") != FUSED_FORMAT:
+        raise UserError(f"fused model {folder} was made by an older Menagerie ({record.get('format')}, which stored"
+                        f" weights, not updates); fuse {', '.join(record.get('concepts', []))} again")
     if record.get("fingerprint") != base.fingerprint:
         raise UserError(f"fused model {folder} was made on {record.get('base_model')} (architecture {record.get('fingerprint')});"
                         f" the base {base.name} has architecture {base.fingerprint}")
     if base.fused is not None and Path(base.fused) != folder:
         raise UserError(f"this base model already holds the fused model {base.fused}; load the base again to use {folder}")
-    tensors = load_file(folder / FUSED_WEIGHTS)
+    if base.fused is not None:  # already written in (adding the updates again would double them)
+        return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record,
+                          report=_read_report(folder), note=base.fused_note)
+    try:
+        tensors = load_file(folder / FUSED_WEIGHTS)
+    except Exception as error:  # safetensors raises its own error types for truncated or garbage files
+        raise UserError(f"fused model {folder}: {FUSED_WEIGHTS} cannot be read ({type(error).__name__}); delete the folder and fuse again") from None
+    note = _base_note(base, record)
     install_layerwise_attention(base.unet)
     for name in record["concepts"]:
         add_concept_tokens(base.tokenizer, base.text_encoder, name, tensors[f"concepts.{name}"])
     for model, prefix in ((base.text_encoder, "text_encoder."), (base.unet, "unet.")):
         set_active_adapters(model, [])
-        _write_weights(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, base.dtype)
-    base.fused = str(folder)
-    report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).exists() else {}
-    return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record, report=report)
+        _apply_updates(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    base.fused, base.fused_note = str(folder), note
+    return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record,
+                      report=_read_report(folder), note=note)
 
 
-def list_fused(library) -> list[dict]:
-    """Records of the fused models cached in a library."""
+def _read_report(folder: Path) -> dict:
+    try:
+        return json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).exists() else {}
+    except ValueError:
+        return {}
+
+
+def _base_note(base: BaseModel, record: dict) -> str:
+    """'' on the base the fusion was made on; otherwise a note that the updates were applied to another."""
+    stored = record.get("base_signature") or {}
+    if same_signature(stored, base_signature(base, list(stored))):
+        return ""
+    return (f"fused on {record.get('base_model')}; its updates were applied to {base.name}, another base of the same"
+            f" architecture (the concepts were trained on {record.get('base_model')}; fuse again on this base for the exact solve)")
+
+
+def list_fused(library, base: BaseModel | None = None) -> list[dict]:
+    """Records of the fused models cached in a library; with `base`, only those that fit it (its
+    architecture, and written in the current format). Unreadable folders are left out."""
     root = library.root / ".fused"
     if not root.exists():
         return []
     out = []
     for folder in sorted(root.iterdir()):
-        if (folder / FUSED_RECORD).exists():
-            record = json.loads((folder / FUSED_RECORD).read_text())
-            record["folder"] = str(folder)
-            out.append(record)
+        if not (folder / FUSED_RECORD).exists():
+            continue
+        try:
+            record = _read_record(folder)
+        except UserError:
+            continue
+        if base is not None and (record.get("fingerprint") != base.fingerprint or record.get("format") != FUSED_FORMAT):
+            continue
+        record["folder"] = str(folder)
+        out.append(record)
     return out

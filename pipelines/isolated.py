@@ -46,7 +46,7 @@ from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import concepts_in, encode_layerwise, expand_prompt, install_layerwise_attention, known_concepts
 from .performance import unet_forward
-from .sample import decode_latents, denoise, initial_latents, make_scheduler
+from .sample import DEFAULT_NEGATIVE_PROMPT, decode_latents, denoise, initial_latents, make_scheduler
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -64,7 +64,7 @@ class IsolateConfig:
     prompt: str  # the full prompt, e.g. "a dog and a cat in a hot spring"
     subjects: tuple[Subject, ...] = ()
     attachments: tuple[str, ...] = ()  # "label=prompt" for a subject, or a prompt for the background
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     t_lay: float | None = None  # layout time, a fraction of T; None: 0.75 (paper: 700-800 of 1000), BOX_T_LAY with boxes
     steps: int = 30
     guidance: float = 7.5  # the paper's lambda
@@ -150,6 +150,7 @@ class IsolatedResult:
     found: list = field(default_factory=list)  # every detection in the (chosen) layout
     assignments: list[BoxAssignment] = field(default_factory=list)  # boxes mode: what became of each box
     attempts: int = 1  # layouts sampled (boxes mode retries merged or missed layouts; the best is kept)
+    blocked: list[str] = field(default_factory=list)  # "layout", "final image": turned black by the safety checker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +438,8 @@ def isolate(
     merge two boxes or miss one is re-sampled with the next seed (`layout_retries`), and what is
     still wrong is mended: a merged detection is split by the boxes, a box with no detection gets
     its subject added (fresh noise in the box, bootstrapped in its branch). `result.assignments`
-    says what happened to each box.
+    says what happened to each box. With the safety checker on, a flagged layout or final image
+    comes back black (`result.blocked`, and the message says so).
 
     Args:
         detector: Grounding DINO name (Hub id, folder or "tiny"), used with `segmenter` (SAM) through
@@ -472,7 +474,7 @@ def isolate(
             raise UserError(f"the full prompt names {', '.join('<' + n + '>' for n in background_concepts)}; without --fused"
                             f" put concepts only in --subject prompts (each branch loads its own concept)")
         for record in records:
-            apply_concept(base, record.name, library.weights(record.name), lora_scale=1.0)
+            apply_concept(base, record.name, library.weights(record.name, base), lora_scale=1.0)
     if config.subjects and not callable(detector):
         from .detect import detect, load_model
 
@@ -501,7 +503,8 @@ def isolate(
     lay_index = layout_step_index(scheduler.timesteps.cpu(), layout_time(config), scheduler.config.num_train_timesteps)
     metadata = {"app": "menagerie", "method": "isolated", **asdict(config), "width": width, "height": height,
                 "subjects": [asdict(s) for s in config.subjects], "concepts": all_names, "base_model": base.name,
-                "fused": str(fused) if fused else None, "layout_step": lay_index, "t_lay_used": layout_time(config)}
+                "fused": str(fused) if fused else None,
+                "fused_note": fused_model.note if fused is not None else "", "layout_step": lay_index, "t_lay_used": layout_time(config)}
     if base.is_test_model:
         metadata["note"] = TEST_MODEL_NOTE
 
@@ -536,7 +539,7 @@ def isolate(
             result.message = (f"no subject was found in the layout ({', '.join(s.label for s in config.subjects)}); the layout"
                               f" image is returned unchanged. Try another seed or a lower detection threshold")
             result.metadata = {**metadata, "missing": result.missing, "message": result.message}
-            return result
+            return screen_stages(base, result)
         if result.missing:
             result.message = f"not found in the layout, left as sampled: {', '.join(result.missing)}"
         mended = [a for a in plan.assignments if a.status != "matched"]
@@ -599,7 +602,7 @@ def isolate(
                        "detections": [d.to_json() if d is not None else None for d in result.detections],
                        "assignments": [a.to_json() for a in result.assignments],
                        "seconds": round(time.perf_counter() - started, 3)}
-    return result
+    return screen_stages(base, result)
 
 
 def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor, uncond: torch.Tensor, width: int, height: int,
@@ -716,6 +719,24 @@ def denoise_branches(base: BaseModel, all_latents: torch.Tensor, context: torch.
             if callback is not None:
                 callback("isolate", i + 1, len(remaining))
     return all_latents
+
+
+def screen_stages(base: BaseModel, result: IsolatedResult) -> IsolatedResult:
+    """The layout and the final image through the safety checker, when on (`pipelines.safety`): a
+    flagged one turns black (so do the stage images drawn on it) and the message says which."""
+    from .safety import screen
+
+    images = [result.layout] if result.final is result.layout else [result.layout, result.final]
+    screened, blocked = screen(base, images)
+    if not blocked:
+        return result
+    names = ["layout", "final image"] if len(images) == 2 else ["image"]
+    result.layout, result.final = screened[0], screened[-1]
+    result.blocked = [names[i] for i in blocked]
+    note = f"the safety checker blocked the {' and the '.join(result.blocked)} (black)"
+    result.message = f"{result.message}; {note}" if result.message else note
+    result.metadata = {**result.metadata, "message": result.message, "blocked": result.blocked}
+    return result
 
 
 def describe_boxes(result) -> list[str]:

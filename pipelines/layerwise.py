@@ -13,6 +13,7 @@ UNet's own call signature is untouched, so every sampler and trainer works with 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from .errors import UserError
 
 NUM_LAYERS = 16  # cross-attention layers of the SD1.5 UNet
 WORDS = ("r", "c")  # V_rand, V_class
-CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]*)>")
+# `<mochi>`; `<Mochi>` means the same concept (names are lowercase; CLIP lowercases all text anyway)
+CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]*)>", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,12 +36,15 @@ def concept_tokens(name: str) -> list[str]:
     return [f"<{name}-{word}{layer}>" for word in WORDS for layer in range(NUM_LAYERS)]
 
 
+CONCEPT_TOKEN_OF_LAYER = re.compile(r"<[a-z0-9][a-z0-9_-]*-[rc]([1-9]|1[0-5])>")  # a concept token of layers 1-15
+
+
 def concepts_in(prompt: str) -> list[str]:
     """Names of the concepts a prompt refers to as `<name>`, in order of first appearance."""
     names: list[str] = []
     for match in CONCEPT_REF.finditer(prompt):
-        if match.group(1) not in names:
-            names.append(match.group(1))
+        if match.group(1).lower() not in names:
+            names.append(match.group(1).lower())
     return names
 
 
@@ -47,7 +52,7 @@ def expand_prompt(prompt: str, layer: int, known: set[str] | dict) -> str:
     """Copy `layer` of a prompt: each `<name>` becomes its two layer-`layer` tokens."""
 
     def replace(match: re.Match) -> str:
-        name = match.group(1)
+        name = match.group(1).lower()
         if name not in known:
             raise UserError(f"unknown concept <{name}> in prompt {prompt!r}; known: {', '.join(sorted(known)) or 'none'}")
         return f"<{name}-r{layer}> <{name}-c{layer}>"
@@ -130,6 +135,30 @@ def known_concepts(text_encoder: nn.Module) -> list[str]:
 # Encoding
 
 
+def check_prompt_length(tokenizer, texts: list[str], limit: int) -> None:
+    """CLIP reads `limit` (77) tokens, start and end of text included; the rest is cut off.
+
+    A concept cut off would silently vanish from the picture: that is an error. Plain words cut
+    off are a warning (`PromptTooLong`, which the CLI prints).
+    """
+    for text in dict.fromkeys(texts):
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids
+        if len(ids) <= limit:
+            continue
+        dropped = tokenizer.convert_ids_to_tokens(ids[limit - 1 : -1])
+        lost = sorted({t[1:-1].rsplit("-", 1)[0] for t in dropped if t.startswith("<") and t.endswith(">") and "-" in t})
+        if lost:
+            raise UserError(f"the prompt is {len(ids) - 2} tokens long, and CLIP reads 75: {', '.join('<' + n + '>' for n in lost)}"
+                            f" would be cut off; shorten the prompt or name the concept earlier")
+        words = tokenizer.decode(ids[limit - 1 : -1]).strip()
+        message = f"the prompt is {len(ids) - 2} tokens long, and CLIP reads 75; these words are ignored: {words!r}"
+        warnings.warn(message, PromptTooLong, stacklevel=3)
+
+
+class PromptTooLong(UserWarning):
+    """A prompt past CLIP's 77-token window: its end is ignored."""
+
+
 def encode_layerwise(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> torch.Tensor:
     """Encode prompts layer-wise: `[B, 16 * 77, d]`, copy l = the prompt with layer-l concept tokens.
 
@@ -144,7 +173,10 @@ def encode_layerwise(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> 
             texts += [expand_prompt(prompt, layer, known) for layer in range(NUM_LAYERS)]
         else:
             texts.append(prompt)
-    ids = tokenizer(texts, padding="max_length", max_length=text_encoder.config.max_position_embeddings, truncation=True, return_tensors="pt").input_ids
+    limit = text_encoder.config.max_position_embeddings
+    # every layer's copy has the same length: checking copy 0 of each prompt is enough
+    check_prompt_length(tokenizer, [t for t in texts if not CONCEPT_TOKEN_OF_LAYER.search(t)], limit)
+    ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     hidden = text_encoder(ids.to(device))[0]  # [n_texts, 77, d]
     out, i = [], 0
     for prompt in prompts:

@@ -29,12 +29,18 @@ from .performance import memory_plan, offloaded, on_device, unet_forward, vae_sl
 SCHEDULERS = ("dpm++", "ddim", "euler")
 
 
+# Mix-of-Show's negative prompt, used in every one of its sampling scripts (regionally_controlable_sampling.py
+# and the inference examples); the toy world passes "" since its text encoder never saw these words.
+DEFAULT_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped,"
+                           " worst quality, low quality")
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Settings of one generation; saved into every image it makes."""
 
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     steps: int = 30  # denoising steps; DPM-Solver++ is good from about 20
     guidance: float = 7.5  # classifier-free guidance scale; 1.0 turns guidance off
     seed: int = 0
@@ -49,6 +55,7 @@ class SampleConfig:
 class SampleResult:
     images: list[Image.Image]
     metadata: dict = field(default_factory=dict)  # what was made and how; also in each PNG
+    blocked: list[int] = field(default_factory=list)  # positions of images the safety checker turned black
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -261,7 +268,8 @@ def generate(
     One concept is loaded as its own ED-LoRA. Several concepts need one fused model: `fused` names a
     fused model folder, or else the concepts are fused on the fly with gradient fusion (cached in the
     library). Regions (see `regional.Region`) turn on regionally controllable sampling; `layout`
-    (`pipelines.layout.LayoutControl`) keeps the regions' subjects apart.
+    (`pipelines.layout.LayoutControl`) keeps the regions' subjects apart. With the safety checker on
+    (`pipelines.safety.configure_safety`), images it flags come back black and `result.blocked` names them.
 
     Raises:
         UserError: bad sizes, steps or boxes, an unknown concept, or a concept from another architecture.
@@ -270,6 +278,7 @@ def generate(
     from .edlora import apply_concept, merged_adapter, set_active_adapters
     from .fusion import fuse_concepts, load_fused
     from .regional import check_regions, region_concepts, regions_metadata
+    from .safety import screen
 
     # 1. Check inputs, before any GPU work
     from .layout import check_layout_control
@@ -297,7 +306,7 @@ def generate(
         for record in records:
             check_compatible(record, base)
         if len(records) == 1:
-            apply_concept(base, records[0].name, library.weights(records[0].name), lora_scale=config.lora_scale)
+            apply_concept(base, records[0].name, library.weights(records[0].name, base), lora_scale=config.lora_scale)
         if len(records) <= 1:  # exactly this concept's adapters, or none: no concept samples the plain base
             for model in (base.text_encoder, base.unet):
                 set_active_adapters(model, names)
@@ -309,6 +318,7 @@ def generate(
     single = names[0] if fused_model is None and len(names) == 1 else None
     with merged_adapter(base.unet, single) if single else nullcontext():
         images = sample_loaded(base, config, callback, cancel, regions, layout)
+    images, blocked = screen(base, images)  # the safety checker, when on (pipelines.safety)
     metadata = {
         "app": "menagerie",
         "method": method,
@@ -320,12 +330,15 @@ def generate(
         "concepts": names,
         "fused": str(fused_model.folder) if fused_model else None,
         "fusion_method": fused_model.method if fused_model else None,
+        "fused_note": fused_model.note if fused_model else "",
         "base_model": base.name,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if base.is_test_model:
         metadata["note"] = TEST_MODEL_NOTE
-    return SampleResult(images=images, metadata=metadata)
+    if blocked:
+        metadata["blocked"] = blocked
+    return SampleResult(images=images, metadata=metadata, blocked=blocked)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict) -> Path:

@@ -16,7 +16,10 @@ the subject; optional two-subject composites (MuDI's Seg-Mix) put the pet beside
 base model drew, and optional prior scenes of two animals, also drawn by the base model, keep
 "a dog and a cat" meaning two animals.
 
-Frozen weights stay in the base's dtype (half precision on GPUs); only trainable tensors are fp32.
+Frozen weights stay in the base's dtype (the UNet in half precision on GPUs, the text encoder in
+float32); only trainable tensors are fp32. With an fp16 UNet the loss is scaled (a dynamic
+gradient scaler, `loss_scaler`): gradients to the embeddings pass the UNet's fp16 backward and
+would otherwise underflow to zero.
 All randomness comes from `seed` through one Python RNG and one torch generator, both saved in
 checkpoints, so a resumed run equals an uninterrupted one.
 
@@ -404,6 +407,16 @@ def _images_from_state(state: list[tuple[str, torch.Tensor]]) -> list[tuple[str,
 # Loss
 
 
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """A dynamic loss scaler, on where the frozen UNet is fp16 (off, a pass-through, otherwise).
+
+    fp16 keeps magnitudes down to 6e-8; gradients that reach the embeddings through the UNet's
+    backward pass and the cross-attention are often smaller and flush to zero. Scaling the loss
+    (by 2^16 at first, halved on overflow, the step skipped) keeps them; bf16 has fp32's range.
+    """
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE over masked pixels, normalised by the mask's area, averaged over the batch.
 
@@ -774,6 +787,7 @@ def train_concept(
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    scaler = loss_scaler(base.dtype, base.device)
     step, losses, frozen_at = 0, [], None
 
     # 4. Resume
@@ -786,6 +800,8 @@ def train_concept(
                 p.copy_(payload["trainable"][f"unet.{i}"])
         optimizer.load_state_dict(payload["optimizer"])
         lr_schedule.load_state_dict(payload["lr_schedule"])
+        if payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         rng.setstate(payload["python_rng"])
         generator.set_state(payload["torch_rng"])
         if here.rank > 0:  # the checkpoint holds rank 0's random state; the others draw afresh from here
@@ -802,7 +818,7 @@ def train_concept(
         _save_checkpoint(checkpoint_path, {
             "config": asdict(config), "step": step, "losses": losses, "frozen_at": frozen_at,
             "trainable": _trainable_state(vectors, text_params, unet_params),
-            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(),
             # the Python RNG as it was before the next batch was drawn ahead (see 5d)
             "python_rng": rng_at_step, "torch_rng": generator.get_state(),
             "companions": _images_to_state(companions), "prior_scenes": _images_to_state(prior_scenes),
@@ -857,9 +873,10 @@ def train_concept(
 
             # 5c. Update (queued on the device; nothing here waits for it)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(trainable, here.size)
-            optimizer.step()
+            scaler.scale(loss).backward()  # with an fp16 UNet: scaled, so small gradients do not flush to zero
+            average_gradients(trainable, here.size)  # scaled sums: an overflow on one process reaches all
+            scaler.step(optimizer)  # unscales; skips the step (and lowers the scale) on inf/NaN gradients
+            scaler.update()
             lr_schedule.step()
             step += 1
 

@@ -51,6 +51,64 @@ def test_app_builds_with_title_tabs_and_test_model_banner(tmp_path):
     assert "noise" in texts  # the tiny-model banner
 
 
+def _damage(folder: Path, how: str) -> None:
+    if how == "truncated":
+        weights = folder / "concept.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "garbage":
+        (folder / "concept.safetensors").write_bytes(bytes(range(256)) * 4)
+    elif how == "bad json":
+        (folder / "concept.json").write_text("{oops")
+
+
+def _one_line_user_error(call, *fragments) -> str:
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "bad json"])
+def test_a_damaged_concept_is_shown_with_its_problem_and_refused_in_one_line(tmp_path, how):
+    library = ConceptLibrary(tmp_path / "lib")
+    _save_concept(library, "mochi")
+    _save_concept(library, "rex")
+    _damage(library.root / "rex", how)
+    # the library table: the good concept as before, the damaged one with its problem; no gallery item
+    gallery, rows = app.library_rows(library)
+    assert [row[0] for row in rows] == ["<mochi>", "<rex>"] and rows[0][1:3] == ["dog", 3] and rows[0][-1] == ""
+    assert "concept 'rex' is damaged" in rows[1][-1] and "delete it" in rows[1][-1]
+    assert len(gallery) == 1 and "mochi" in gallery[0][0]
+    # the page: Delete can pick it, Compose and the canvas cannot; the page's poll shows the table
+    demo = app.build_app("tiny", str(library.root), str(tmp_path / "out"))
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"] if c.get("props", {}).get("elem_id")}
+    assert [value for _, value in props["library-concept"]["choices"]] == ["mochi", "rex"]
+    assert [value for _, value in props["compose-concepts"]["choices"]] == ["mochi"]
+    assert [label for label, _ in props["canvas"]["label_list"]] == ["<mochi>"]
+    poll = next(f for f in demo.fns.values() if f.name == "poll")
+    shown = {getattr(k, "elem_id", None): v for k, v in poll.fn(-1, None).items()}
+    assert shown["library-table"] == rows
+    # every use of it is refused before queueing, in one line naming it
+    studio = demo.studio
+    box = app.BoxRow("<rex>", (0, 0, 32, 64), "a photo of <rex> dog", find="dog")
+    for use in (lambda: studio.submit_generation(generation(rows=(box,))),
+                lambda: studio.submit_generation(generation(mode=app.ISOLATED, rows=(box,))),
+                lambda: studio.submit_generation(generation(prompt="a photo of <rex> dog")),
+                lambda: studio.submit_fusion(["mochi", "rex"], "gradient"),
+                lambda: studio.export("rex"),
+                lambda: studio.rename("rex", "rex2")):
+        _one_line_user_error(use, "concept 'rex' is damaged")
+    assert studio.jobs.jobs() == []
+    assert app.concept_of("<rex>", library) is None and app.concept_of("<mochi>", library) == "mochi"
+    drawn = {"image": app.blank_canvas(64, 64), "boxes": [{"label": "<rex>", "xmin": 0, "ymin": 0, "xmax": 100, "ymax": 100}]}
+    assert app.rows_from_annotator(drawn, 64, 64, [], library)[0].prompt == ""  # refused at Generate, with the reason
+    # the good concept still works, and the damaged one can be deleted
+    assert Path(studio.export("mochi")).exists()
+    assert studio.delete("rex") == "deleted <rex>"
+    assert [row[0] for row in app.library_rows(library)[1]] == ["<mochi>"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure helpers: canvas and box table
 
@@ -290,6 +348,28 @@ def test_errors_found_by_the_pipeline_fail_the_job_not_the_studio(studio):
     assert failed.status == FAILED and "region" in failed.message.lower()
     after = studio.jobs.wait(studio.submit_generation(generation()).id, timeout=120)
     assert after.status == DONE
+
+
+def test_a_concept_with_broken_tensors_fails_its_job_in_one_line_and_the_library_works_on(studio):
+    """Whole header, NaN inside: listed, found when the job reads the tensors, named in the job's message."""
+    from safetensors.torch import load_file, save_file
+
+    mochi = studio.library.root / "mochi" / "concept.safetensors"
+    studio.library.save(app.replace(studio.library.get("mochi"), name="rex"), load_file(mochi))
+    tensors = load_file(mochi)
+    tensors["embeddings"][0, 0, 0] = float("nan")
+    save_file(tensors, studio.library.root / "rex" / "concept.safetensors", metadata={"format": "menagerie-edlora-v1"})
+    assert "rex" in app.usable_names(studio.library)  # the header is whole: listed as usable
+    try:
+        rows = (app.BoxRow("<rex>", (0, 0, 32, 64), "a photo of <rex> dog", find="dog"),)
+        for mode in (app.REGIONAL, app.ISOLATED):
+            failed = studio.jobs.wait(studio.submit_generation(generation(mode=mode, rows=rows)).id, timeout=300)
+            assert failed.status == FAILED and "concept 'rex' is damaged" in failed.message and "NaN" in failed.message
+            assert "\n" not in failed.message
+        good = (app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog"),)
+        assert studio.jobs.wait(studio.submit_generation(generation(rows=good)).id, timeout=300).status == DONE
+    finally:
+        studio.delete("rex")
 
 
 def test_isolated_generation_shows_layout_detections_and_final(studio):

@@ -10,6 +10,7 @@ import torch
 from pipelines.base import (
     BaseModel,
     architecture_fingerprint,
+    default_dtype,
     ensure_tiny_model,
     load_base,
     parse_dtype,
@@ -128,9 +129,10 @@ def test_parse_dtype():
         parse_dtype("fp64", cpu)
 
 
-def test_cuda_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch):
-    """`is_bf16_supported()` counts emulation (T4, V100, RTX 20xx): those cards must get fp16.
-    A stand-in for such a card says yes only when emulation counts."""
+def test_gpu_default_dtype_is_fp16_on_every_card(monkeypatch, caplog):
+    """fp16 on every GPU (bf16 rounds merged updates 8x more coarsely; cards before Ampere only
+    emulate it); asking for bf16 on an emulating card warns. A stand-in for such a card says yes
+    to `is_bf16_supported` only when emulation counts."""
     from pipelines.base import default_dtype
 
     def emulated_only(including_emulation: bool = True) -> bool:
@@ -138,9 +140,38 @@ def test_cuda_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
     assert default_dtype(torch.device("cuda")) == torch.float16
+    with caplog.at_level("WARNING"):
+        assert parse_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert "only emulates bf16" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
-    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert default_dtype(torch.device("cuda")) == torch.float16
     assert default_dtype(torch.device("mps")) == torch.float16 and default_dtype(torch.device("cpu")) == torch.float32
+
+
+def folded_update_error(weight_dtype: torch.dtype, update_size: float) -> float:
+    """Relative error of a weight update W0 + dW after it is written into weights of `weight_dtype`
+    (a synthetic layer: W0 ~ 0.03, as in CLIP and UNet attention projections)."""
+    generator = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(320, 768, generator=generator) * 0.03).to(weight_dtype).float()
+    update = torch.randn(320, 768, generator=generator) * update_size
+    kept = (w0 + update).to(weight_dtype).float() - w0
+    return float((kept - update).norm() / update.norm())
+
+
+def test_small_updates_survive_in_the_dtypes_menagerie_keeps(tiny_dir):
+    """A text-LoRA-sized update (1e-4 of weights ~0.03) is rounded away in bf16 (45% error) and
+    badly kept in fp16 (6%); the text encoder therefore stays float32 whatever the dtype, and the
+    UNet's half precision is fp16, which keeps UNet-sized updates (1e-3) to 0.6% where bf16 loses 5%."""
+    assert folded_update_error(torch.bfloat16, 1e-4) > 0.3
+    assert folded_update_error(torch.float16, 1e-4) > 0.05
+    assert folded_update_error(torch.float32, 1e-4) < 1e-3
+    assert folded_update_error(torch.bfloat16, 1e-3) > 0.04
+    assert folded_update_error(torch.float16, 1e-3) < 0.01
+    for dtype in ("fp16", "bf16"):
+        base = load_base("tiny", device="cpu", dtype=dtype)
+        assert {p.dtype for p in base.text_encoder.parameters()} == {torch.float32}
+        assert {p.dtype for p in base.unet.parameters()} == {base.dtype} == {p.dtype for p in base.vae.parameters()}
+    assert default_dtype(torch.device("cuda")) == torch.float16
 
 
 def test_load_base_casts_to_the_dtype_even_if_diffusers_ignores_it(tiny_dir, monkeypatch):
@@ -157,5 +188,210 @@ def test_load_base_casts_to_the_dtype_even_if_diffusers_ignores_it(tiny_dir, mon
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(ignoring_dtype))
     base = load_base("tiny", device="cpu", dtype="bf16")
     assert base.dtype == torch.bfloat16
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in (base.unet, base.vae):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in base.text_encoder.parameters()} == {torch.float32}  # see test_small_updates_survive...
+
+
+def test_load_dtype_keyword_fits_the_installed_diffusers(monkeypatch):
+    """`dtype=` exists from diffusers 0.40 (0.35-0.39 ignore it and load float32); before that the
+    keyword is `torch_dtype`, which 0.40 on deprecates."""
+    import diffusers
+
+    from pipelines.base import dtype_argument
+
+    monkeypatch.setattr(diffusers, "__version__", "0.35.0")
+    assert dtype_argument(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.39.2")
+    assert dtype_argument(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.40.0")
+    assert dtype_argument(torch.float16) == {"dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.43.0.dev0")
+    assert dtype_argument(torch.float16) == {"dtype": torch.float16}
+
+
+def test_half_precision_base_keeps_the_text_encoder_weights_exact(tiny_dir):
+    """The text encoder loads in float32 from the file, not rounded to half precision and cast back."""
+    exact = load_base(str(tiny_dir), device="cpu", dtype="fp32")
+    for dtype in ("bf16", "fp16"):
+        half = load_base(str(tiny_dir), device="cpu", dtype=dtype)
+        reference = dict(exact.text_encoder.named_parameters())
+        for name, param in half.text_encoder.named_parameters():
+            assert torch.equal(param, reference[name]), (dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single checkpoint files, offline
+
+
+def original_layout(folder) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers SD1-structured folder under the keys of an original (CompVis)
+    checkpoint: the inverse of the renaming diffusers' single-file loader does (its
+    scripts/convert_diffusers_to_original_stable_diffusion.py, written out for SD1's blocks)."""
+    from safetensors.torch import load_file
+
+    unet_prefixes = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+                     ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+                     ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+                     ("middle_block.2.", "mid_block.resnets.1.")]
+    for i in range(4):
+        for j in range(2):
+            unet_prefixes += [(f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."),
+                              (f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}.")]
+        for j in range(3):
+            unet_prefixes += [(f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."),
+                              (f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}.")]
+        unet_prefixes += [(f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."),
+                          (f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0.")]
+    resnet_parts = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."),
+                    ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
+    vae_parts = [("mid.attn_1.", "mid_block.attentions.0."), ("mid.block_1.", "mid_block.resnets.0."),
+                 ("mid.block_2.", "mid_block.resnets.1."), ("norm_out.", "conv_norm_out."), ("nin_shortcut.", "conv_shortcut.")]
+    for i in range(4):
+        for j in range(3):
+            vae_parts += [(f"down.{i}.block.{j}.", f"down_blocks.{i}.resnets.{j}."), (f"up.{3 - i}.block.{j}.", f"up_blocks.{i}.resnets.{j}.")]
+        vae_parts += [(f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."), (f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0.")]
+    vae_attention = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+
+    checkpoint = {}
+    for key, value in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        original, diffusers = next(pair for pair in unet_prefixes if key.startswith(pair[1]))
+        rest = key[len(diffusers):]
+        if "resnets" in diffusers:
+            rest = next((o + rest[len(d):] for o, d in resnet_parts if rest.startswith(d)), rest)
+        checkpoint["model.diffusion_model." + original + rest] = value
+    for key, value in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        for original, diffusers in vae_parts:
+            key = key.replace(diffusers, original)
+        if ".attn_1." in key:  # the mid-block attention: linear layers in diffusers, 1x1 convolutions originally
+            head, rest = key.split(".attn_1.")
+            key = head + ".attn_1." + next(o + rest[len(d):] for o, d in vae_attention if rest.startswith(d))
+            value = value[:, :, None, None] if value.ndim == 2 else value
+        checkpoint["first_stage_model." + key] = value
+    for key, value in load_file(folder / "text_encoder" / "model.safetensors").items():
+        checkpoint["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    return {key: value.contiguous() for key, value in checkpoint.items()}
+
+
+@pytest.fixture
+def tiny_single_file_config(tiny_dir, tmp_path, monkeypatch):
+    """`SD15_CONFIG_DIR` pointed at the tiny model's configs (its JSON files only, like assets/sd15/:
+    no weights, no tokenizer vocabulary), so a tiny single file takes SD1.5's code path."""
+    import shutil
+
+    import pipelines.base as base_module
+
+    config_dir = tmp_path / "tiny-config"
+    for path in tiny_dir.rglob("*.json"):
+        if path.name not in ("tokenizer.json", "menagerie_test_model.json"):
+            (config_dir / path.relative_to(tiny_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, config_dir / path.relative_to(tiny_dir))
+    monkeypatch.setattr(base_module, "SD15_CONFIG_DIR", config_dir)
+    return config_dir
+
+
+def test_shipped_sd15_configs_are_stable_diffusion_1_5(tmp_path, tiny_dir):
+    """assets/sd15 (+ the tokenizer files written at load) is SD1.5's diffusers config: the real sizes,
+    noise schedule and tokenizer, and models built from it (on the meta device) have SD1.5's exact
+    parameter counts (UNet 859,520,964; VAE 83,653,863; CLIP text encoder 123,060,480)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pipelines.base import SD15_CONFIG_DIR, single_file_config
+
+    folder = single_file_config(tmp_path / "config", SD15_CONFIG_DIR)
+    index = StableDiffusionPipeline.load_config(folder)
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    unet = UNet2DConditionModel.load_config(folder, subfolder="unet")
+    assert unet["cross_attention_dim"] == 768 and tuple(unet["block_out_channels"]) == (320, 640, 1280, 1280)
+    assert unet["in_channels"] == unet["out_channels"] == 4 and unet["sample_size"] == 64 and unet["attention_head_dim"] == 8
+    vae = AutoencoderKL.load_config(folder, subfolder="vae")
+    assert vae["latent_channels"] == 4 and tuple(vae["block_out_channels"]) == (128, 256, 512, 512) and vae["sample_size"] == 512
+    text = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.intermediate_size) == (12, 768, 12, 3072)
+    assert (text.max_position_embeddings, text.vocab_size, text.hidden_act) == (77, 49408, "quick_gelu")
+    schedule = PNDMScheduler.from_pretrained(folder, subfolder="scheduler").config
+    assert (schedule.beta_schedule, schedule.beta_start, schedule.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert schedule.num_train_timesteps == 1000 and schedule.steps_offset == 1 and schedule.skip_prk_steps
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    reference = CLIPTokenizer.from_pretrained(tiny_dir, subfolder="tokenizer")
+    prompt = "a photo of a dog, and a Cat on the grass!"
+    assert tokenizer(prompt).input_ids == reference(prompt).input_ids
+    assert tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407] and tokenizer.model_max_length == 77
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in model.parameters()) for model in (
+            UNet2DConditionModel.from_config(unet), AutoencoderKL.from_config(vae), CLIPTextModel(text))]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_loads_with_no_network_at_all(tiny_dir, tmp_path, monkeypatch, tiny_single_file_config, suffix):
+    """The tiny model written as an original-layout checkpoint loads through the same path as an SD1.5
+    file, with every socket refused: each weight, the tokenizer and the schedule equal the folder's."""
+    import socket
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".safetensors":
+        save_file(original_layout(tiny_dir), path)
+    else:
+        torch.save({"state_dict": original_layout(tiny_dir), "global_step": 470000}, path)  # as original SD .ckpt files
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access during a single-file load")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    loaded = load_base(str(path), device="cpu")
+    reference = load_base(str(tiny_dir), device="cpu")
+    for part in ("unet", "vae", "text_encoder"):
+        got, want = getattr(loaded, part).state_dict(), getattr(reference, part).state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), part
+    assert loaded.fingerprint == reference.fingerprint and loaded.scheduler_config == reference.scheduler_config
+    assert loaded.tokenizer("a photo of a dog").input_ids == reference.tokenizer("a photo of a dog").input_ids
+    assert loaded.is_test_model is False and loaded.name == str(path)
+
+
+def test_ckpt_with_pickled_objects_says_why_and_how_to_convert(tiny_dir, tmp_path, tiny_single_file_config):
+    """An original training .ckpt also pickles Python objects (here argparse.Namespace hyper-parameters,
+    as PyTorch Lightning saves them): one line says they are not loaded and gives a conversion command,
+    and that command, run as printed, makes a .safetensors file that loads."""
+    import argparse
+    import shlex
+    import subprocess
+    import sys
+
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": original_layout(tiny_dir), "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(UserError) as caught:
+        load_base(str(path), device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "pickled Python objects" in message and "not loaded because unpickling can run any code" in message
+    assert f"pass --base {tmp_path / 'trained.safetensors'}" in message
+    command = shlex.split(message.split("with ", 1)[1].split(" and pass --base")[0])
+    assert command[0] == "python"
+    subprocess.run([sys.executable, *command[1:]], check=True, timeout=120)
+    converted = load_base(str(tmp_path / "trained.safetensors"), device="cpu")
+    assert converted.fingerprint == load_base(str(tiny_dir), device="cpu").fingerprint
+
+
+@pytest.mark.parametrize("shapes, fragment", [
+    ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "1024-wide text (SD2.x"),
+    ({"conditioner.embedders.1.model.ln_final.weight": (1280,)}, "an SDXL checkpoint"),
+    ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "9 input channels"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "a LoRA"),
+])
+def test_single_files_of_other_families_are_refused_by_name(tmp_path, shapes, fragment):
+    """Files that are not SD1.x are named for what they are (read from key names and shapes only)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, path)
+    with pytest.raises(UserError, match="Menagerie loads SD1.5-family models") as caught:
+        load_base(str(path), device="cpu")
+    assert fragment in str(caught.value)

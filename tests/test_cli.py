@@ -266,6 +266,18 @@ def test_concepts_list_show_rename_delete(capsys, small_library):
     assert small_library.names() == ["mochi"]
 
 
+def test_concepts_list_shows_a_damaged_concept_beside_the_good_ones(capsys, small_library):
+    root = small_library.root
+    (root / "tama" / "concept.safetensors").write_bytes(b"not a safetensors file")
+    code, out, _ = run(capsys, "concepts", "list", "--library", root)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0].split()[:2] == ["<mochi>", "dog"]
+    assert lines[1].startswith("<tama>") and "damaged" in lines[1] and "concepts delete tama" in lines[1]
+    code, out, _ = run(capsys, "concepts", "list", "--json", "--library", root)
+    records = json.loads(out)
+    assert [r["name"] for r in records] == ["mochi", "tama"] and "problem" in records[1]
+
+
 def test_concepts_list_empty(capsys, tmp_path):
     code, out, _ = run(capsys, "concepts", "list", "--library", tmp_path / "empty")
     assert code == 0 and out.startswith("no concepts in")

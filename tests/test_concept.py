@@ -17,6 +17,7 @@ import pipelines.concept as concept_module
 from pipelines.base import architecture_fingerprint
 from pipelines.concept import Concept, ConceptLibrary, check_class_word, check_compatible, check_name
 from pipelines.errors import UserError
+from conftest import fake_concept_tensors
 
 
 def record(name="mochi", photo_count=3, fingerprint="0123456789abcdef", **extra) -> Concept:
@@ -151,6 +152,149 @@ def test_unreadable_record_is_a_user_error(library, fake_tensors):
     (library.root / "mochi" / "concept.safetensors").unlink()
     with pytest.raises(UserError, match="has no concept.safetensors; delete it and train it again"):
         library.weights("mochi")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged entries: listed, named in one-line errors, deletable; the rest of the library works
+
+
+def damage(folder, how: str) -> None:
+    weights, record_file = folder / "concept.safetensors", folder / "concept.json"
+    data = json.loads(record_file.read_text())
+    if how == "truncated":  # a copy that stopped halfway
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "garbage":
+        weights.write_bytes(bytes(range(256)) * 8)
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "no weights":
+        weights.unlink()
+    elif how == "bad json":
+        record_file.write_text('{"name": "rex", "class_word": ')
+    elif how == "not an object":
+        record_file.write_text("[1, 2]")
+    elif how == "missing fields":
+        record_file.write_text(json.dumps({k: v for k, v in data.items() if k not in ("class_word", "photo_count")}))
+    elif how == "wrong field type":
+        record_file.write_text(json.dumps({**data, "photo_count": "three"}))
+    elif how == "no record":
+        record_file.unlink()
+    elif how == "binary record":
+        record_file.write_bytes(b"\xff\xfe\x00garbage")
+    elif how == "nan tensors":  # a whole file whose numbers are not: found only when the tensors are read
+        tensors = load_file(weights)
+        tensors["embeddings"][0, 0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "menagerie-edlora-v1"})
+    else:
+        raise ValueError(how)
+
+
+def assert_one_line_error(call, *fragments) -> str:
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+DAMAGES = ["truncated", "garbage", "empty", "no weights", "bad json", "not an object", "missing fields", "wrong field type",
+           "no record", "binary record"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_concept_is_listed_as_damaged_and_refused_by_name(library, fake_tensors, tmp_path, how):
+    library.save(record("mochi"), fake_tensors(), Image.new("RGB", (4, 4)))
+    library.save(record("rex"), fake_tensors(seed=3))
+    library.save(record("tama"), fake_tensors(seed=1))
+    damage(library.root / "rex", how)
+    # the listing works: the good concepts as before, the damaged one with its reason
+    assert library.names() == ["mochi", "rex", "tama"]
+    assert [c.name for c in library.list()] == ["mochi", "tama"]
+    problems = library.damaged()
+    assert list(problems) == ["rex"] and "concept 'rex' is damaged" in problems["rex"] and "\n" not in problems["rex"]
+    assert "delete it" in problems["rex"]
+    # every use of it: one line, naming it
+    for use in (lambda: library.get("rex"), lambda: library.export("rex", tmp_path / "rex.safetensors"),
+                lambda: library.rename("rex", "rex2")):
+        assert assert_one_line_error(use, "concept 'rex' is damaged") == problems["rex"]
+    if how in ("truncated", "garbage", "empty", "no weights"):
+        assert_one_line_error(lambda: library.weights("rex"), "concept 'rex' is damaged", "concept.safetensors")
+    assert not (tmp_path / "rex.safetensors").exists() and library.names() == ["mochi", "rex", "tama"]
+    # the good ones still work
+    assert_same_tensors(library.weights("mochi"), fake_tensors())
+    assert library.export("mochi", tmp_path / "mochi.safetensors").exists()
+    library.rename("tama", "kuro")
+    # and the damaged one can be deleted
+    library.delete("rex")
+    assert library.names() == ["kuro", "mochi"] and library.damaged() == {} and leftovers(library.root) == []
+
+
+def test_a_record_of_a_newer_format_asks_for_an_update(library, fake_tensors):
+    library.save(record("mochi"), fake_tensors())
+    library.save(record("rex"), fake_tensors(seed=3))
+    path = library.root / "rex" / "concept.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": "menagerie-edlora-v9"}))
+    message = assert_one_line_error(lambda: library.get("rex"), "concept 'rex'", "'menagerie-edlora-v9'", "update Menagerie")
+    assert library.damaged() == {"rex": message} and [c.name for c in library.list()] == ["mochi"]
+    # the weights file's own format tag too
+    save_file(fake_tensors(seed=3), library.root / "rex" / "concept.safetensors", metadata={"format": "menagerie-edlora-v9"})
+    path.write_text(json.dumps(record("rex").to_json()))
+    assert_one_line_error(lambda: library.get("rex"), "concept 'rex'", "concept.safetensors has format 'menagerie-edlora-v9'")
+
+
+def test_wrong_tensors_are_refused_naming_the_concept(library, fake_tensors, base):
+    """A weights file whose header is whole but whose tensors are wrong: found when the tensors are read."""
+    library.save(record("rex"), fake_tensors())
+    tensors = fake_tensors()
+    tensors["embeddings"][0, 0, 0] = float("nan")
+    save_file(tensors, library.root / "rex" / "concept.safetensors", metadata={"format": "menagerie-edlora-v1"})
+    assert_one_line_error(lambda: library.weights("rex"), "concept 'rex' is damaged", "'embeddings' contains NaN")
+    # whole tensors of another shape than the base's: the concept is named, with the fix
+    save_file(fake_concept_tensors(dim=48), library.root / "rex" / "concept.safetensors", metadata={"format": "menagerie-edlora-v1"})
+    library.weights("rex")  # structurally fine
+    assert_one_line_error(lambda: library.weights("rex", base), "concept 'rex' does not fit the base model",
+                          "48-d; this base's text encoder uses 32-d")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "bad json", "nan tensors"])
+def test_generating_with_a_damaged_concept_is_a_one_line_error_and_the_rest_works(tmp_path, trained, fresh_base, how):
+    """Plain and regional generation, isolation and fusion: the damaged concept is named, nothing is
+    loaded for it, and the good concept generates afterwards on the same base."""
+    from pipelines.fusion import fuse_concepts
+    from pipelines.isolated import IsolateConfig, Subject, isolate
+    from pipelines.regional import Region
+    from pipelines.sample import SampleConfig, generate
+
+    library = ConceptLibrary(tmp_path / "library")
+    library.save(dataclasses.replace(trained.concept), trained.tensors, trained.preview)
+    library.save(dataclasses.replace(trained.concept, name="rex"), trained.tensors)
+    damage(library.root / "rex", how)
+    base = fresh_base()
+    tokens = len(base.tokenizer)
+
+    def no_detector(image, labels):
+        raise AssertionError("the detector must not run for a damaged concept")
+
+    regions = [Region(box=(0, 0, 32, 64), prompt="<mochi> dog"), Region(box=(32, 0, 64, 64), prompt="<rex> dog")]
+    for use in (lambda: generate(base, library, SampleConfig(prompt="a photo of <rex> dog", steps=2)),
+                lambda: generate(base, library, SampleConfig(prompt="<mochi> and <rex>", steps=2), regions=regions),
+                lambda: isolate(base, library, IsolateConfig(prompt="a dog", subjects=(Subject("dog", "a photo of <rex> dog"),),
+                                                             steps=2), detector=no_detector),
+                lambda: fuse_concepts(base, library, ["mochi", "rex"])):
+        assert_one_line_error(use, "concept 'rex' is damaged")
+    assert len(base.tokenizer) == tokens and "rex" not in base.loaded_concepts
+    result = generate(base, library, SampleConfig(prompt="a photo of <mochi> dog", steps=2))
+    assert result.metadata["concepts"] == ["mochi"] and result.images[0].size == (64, 64)
+
+
+def test_folders_that_are_not_concepts_are_not_listed(library, fake_tensors):
+    library.save(record("mochi"), fake_tensors())
+    (library.root / "Holiday Photos").mkdir()
+    (library.root / "Holiday Photos" / "concept.json").write_text("{}")  # not a concept name: never a concept
+    (library.root / "notes").mkdir()  # neither record nor weights
+    assert library.names() == ["mochi"] and library.damaged() == {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def test_models_are_loaded_once(image, monkeypatch):
     import transformers
 
     detect(image, ["dog"], **TINY, **LOW)  # both models loaded (something is found at these thresholds)
-    assert ("detector", "tiny", "cpu") in detect_module._MODELS and ("segmenter", "tiny", "cpu") in detect_module._MODELS
+    assert ("detector", "tiny", "float32") in detect_module._MODELS and ("segmenter", "tiny", "float32") in detect_module._MODELS
     calls = []
     for cls in (transformers.AutoModelForZeroShotObjectDetection, transformers.SamModel):
         original = cls.from_pretrained
@@ -247,6 +247,53 @@ def test_models_are_loaded_once(image, monkeypatch):
     monkeypatch.setattr(detect_module, "_MODELS", {})
     detect(image, ["dog"], **TINY, **LOW)
     assert len(calls) == 2
+
+
+def test_detectors_run_in_fp16_on_cuda_and_fp32_on_the_cpu():
+    assert detect_module.detector_dtype(torch.device("cuda")) == torch.float16
+    assert detect_module.detector_dtype("cuda:1") == torch.float16
+    assert detect_module.detector_dtype(torch.device("cpu")) == torch.float32
+    assert detect_module.detector_dtype("mps") == torch.float32
+    # loading for a GPU puts nothing on it (this machine has none): fp16 weights wait in CPU memory
+    for kind in ("detector", "segmenter"):
+        _, model = load_model(kind, "tiny", torch.device("cuda"))
+        assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float16)}
+        _, cpu_model = load_model(kind, "tiny", torch.device("cpu"))
+        assert {p.dtype for p in cpu_model.parameters()} == {torch.float32}
+
+
+def test_detection_in_fp16_matches_fp32(image, monkeypatch):
+    """The CUDA path's half precision, run on the CPU: inputs are cast to the models' dtype and the
+    post-processing is fp32, so the boxes, scores and masks agree with the fp32 run."""
+    full = detect(image, ["dog", "cat"], **TINY, box_threshold=0.3, text_threshold=0.2)
+    monkeypatch.setattr(detect_module, "detector_dtype", lambda device: torch.float16)
+    half = detect(image, ["dog", "cat"], **TINY, box_threshold=0.3, text_threshold=0.2)
+    assert next(iter(detect_module._MODELS[("detector", "tiny", "float16")][1].parameters())).dtype == torch.float16
+    assert full and [d.label for d in half] == [d.label for d in full]
+    for a, b in zip(half, full):
+        assert a.box == pytest.approx(b.box, abs=0.5) and a.score == pytest.approx(b.score, abs=0.01)
+        assert a.mask.dtype == bool and a.mask.shape == b.mask.shape == (64, 80)
+        assert (a.mask != b.mask).mean() < 0.05  # a random SAM's logits sit near its 0 threshold
+
+
+def test_models_leave_the_job_device_after_each_call(image, monkeypatch):
+    """Between jobs the detector and segmenter must not hold GPU memory. With no GPU here, the CPU is
+    the job's device and `meta` stands in for the offload device: every parameter has to end there,
+    also when the call fails halfway."""
+    monkeypatch.setattr(detect_module, "_MODELS", {})  # models parked on `meta` are dropped afterwards
+    monkeypatch.setattr(detect_module, "OFFLOAD", torch.device("meta"), raising=False)
+    found = detect(image, ["dog"], **TINY, **LOW)
+    assert found and all(d.mask is not None for d in found)  # both models ran, on the job's device
+    models = [model for _, model in detect_module._MODELS.values()]
+    assert len(models) == 2
+    assert {p.device.type for model in models for p in model.parameters()} == {"meta"}
+
+    monkeypatch.setattr(detect_module, "_MODELS", {})
+    _, sam = load_model("segmenter", "tiny", torch.device("cpu"))
+    monkeypatch.setattr(sam, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory (simulated)")))
+    with pytest.raises(torch.OutOfMemoryError):
+        detect(image, ["dog"], **TINY, **LOW)
+    assert {p.device.type for _, model in detect_module._MODELS.values() for p in model.parameters()} == {"meta"}
 
 
 def test_unknown_model_name_is_a_user_error(tmp_path):

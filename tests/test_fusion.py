@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,6 +82,22 @@ def model_dir(tmp_path_factory):
 
 def fresh(model_dir):
     return load_base(str(model_dir), device="cpu")
+
+
+def stored_weights(folder, model_dir) -> dict[str, torch.Tensor]:
+    """The weights a stored fused model means: W0 + the stored float32 update, computed as
+    `load_fused` does; concept tokens as stored."""
+    plain = fresh(model_dir)
+    out = {}
+    for key, tensor in load_file(Path(folder) / FUSED_WEIGHTS).items():
+        if key.startswith("concepts."):
+            out[key] = tensor
+            continue
+        prefix, module = key.split(".", 1)
+        assert tensor.dtype == torch.float32, key  # updates are kept in float32 whatever the base's dtype
+        model = plain.text_encoder if prefix == "text_encoder" else plain.unet
+        out[key] = linear_of(model, module).weight.detach().float() + tensor
+    return out
 
 
 def random_photo(seed: int) -> Image.Image:
@@ -348,7 +365,7 @@ def test_fused_folder_holds_only_changed_layers(fused, library):
     assert folder.parent == library.root / ".fused"
     for file in (FUSED_WEIGHTS, FUSED_RECORD, REPORT_FILE):
         assert (folder / file).is_file()
-    tensors = load_file(folder / FUSED_WEIGHTS)
+    tensors = load_file(folder / FUSED_WEIGHTS)  # updates, keyed as the weights they change
     odd = [k for k in tensors if not LORA_KEY.fullmatch(k)]
     assert not odd, odd[:5]
     assert not [k for k in tensors if re.search(r"(ff|conv|norm|proj_in|proj_out|bias|embed)", k)]
@@ -363,7 +380,7 @@ def test_fused_folder_holds_only_changed_layers(fused, library):
 
 def test_fused_base_holds_the_stored_weights(fused, model_dir):
     result, base = fused
-    tensors = load_file(result.folder / FUSED_WEIGHTS)
+    tensors = stored_weights(result.folder, model_dir)
     plain = fresh(model_dir)
     for key, tensor in tensors.items():
         if key.startswith("concepts."):
@@ -407,7 +424,7 @@ def test_text_encoder_stage_matches_an_independent_computation(fused, model_dir,
     w0 = linear_of(base.text_encoder, TEXT_Q).weight
     deltas = [d[TEXT_Q] for d in deltas_of(library, "text_encoder")]
     expected = fuse_layer(w0, deltas, grams)
-    stored = load_file(result.folder / FUSED_WEIGHTS)[f"text_encoder.{TEXT_Q}"].double()
+    stored = stored_weights(result.folder, model_dir)[f"text_encoder.{TEXT_Q}"].double()
     # Compared where it matters, on the recorded inputs: the pipeline accumulates Grams in float32, and
     # directions seen with eigenvalues ~1e-5 of the largest amplify that rounding in W itself (~1e-3).
     assert relative_output_error(stored, expected, sum(grams)) < 1e-4
@@ -437,7 +454,7 @@ def test_cross_attention_kv_stage_matches_an_independent_computation(fused, mode
     w0 = linear_of(fresh(model_dir).unet, UNET_K).weight
     deltas = [d[UNET_K] for d in deltas_of(library, "unet")]
     expected = fuse_layer(w0, deltas, grams)
-    stored = load_file(result.folder / FUSED_WEIGHTS)[f"unet.{UNET_K}"].double()
+    stored = stored_weights(result.folder, model_dir)[f"unet.{UNET_K}"].double()
     assert relative_output_error(stored, expected, sum(grams)) < 1e-4
     assert relative_output_error(w0, expected, sum(grams)) > 0.1
     for delta, gram in zip(deltas, grams):  # 12 rows in 32 dimensions: each concept is reproduced
@@ -451,7 +468,7 @@ def test_unet_spatial_stage_matches_an_independent_computation(fused, model_dir,
     from pipelines.sample import make_scheduler
 
     result, _ = fused
-    stored = load_file(result.folder / FUSED_WEIGHTS)
+    stored = stored_weights(result.folder, model_dir)
     base = fresh(model_dir)
     w0 = {n: linear_of(base.unet, n).weight.detach().clone() for n in (UNET_OUT, UNET_Q2)}
     for name in NAMES:
@@ -506,7 +523,7 @@ def test_second_call_hits_the_cache(fused, model_dir, library, monkeypatch):
     again = fuse_concepts(base, library, NAMES, FusionConfig(rcond=1e-6))
     assert again.folder == result.folder
     assert (result.folder / FUSED_RECORD).read_text() == record_before
-    stored = load_file(result.folder / FUSED_WEIGHTS)
+    stored = stored_weights(result.folder, model_dir)
     assert torch.equal(linear_of(base.unet, UNET_OUT).weight, stored[f"unet.{UNET_OUT}"])
     assert again.report["summary"] == json.loads(json.dumps(result.report["summary"]))
     # other settings are another fused model: not served from this cache
@@ -516,7 +533,7 @@ def test_second_call_hits_the_cache(fused, model_dir, library, monkeypatch):
 
 def test_load_fused_writes_exactly_the_stored_weights(fused, model_dir):
     result, _ = fused
-    stored = load_file(result.folder / FUSED_WEIGHTS)
+    stored = stored_weights(result.folder, model_dir)
     plain = fresh(model_dir)
     base = fresh(model_dir)
     loaded = load_fused(base, result.folder)
@@ -552,8 +569,8 @@ def test_cli_weight_method_is_w0_plus_mean_delta(fused, model_dir, library, tmp_
     out = tmp_path / "weight"
     assert main(["fuse", "--base", str(model_dir), "--library", str(library.root), "--concepts", "mochi,tama",
                  "--method", "weight", "--out", str(out), "--device", "cpu"]) == 0
-    stored = load_file(out / FUSED_WEIGHTS)
-    gradient = load_file(fused[0].folder / FUSED_WEIGHTS)
+    stored = stored_weights(out, model_dir)
+    gradient = stored_weights(fused[0].folder, model_dir)
     plain = fresh(model_dir)
     for prefix, model, module in (("unet", plain.unet, UNET_K), ("unet", plain.unet, UNET_OUT), ("text_encoder", plain.text_encoder, TEXT_Q)):
         w0 = linear_of(model, module).weight.double()
@@ -640,3 +657,120 @@ def test_fusion_solve_on_mps_runs_in_float64_on_the_cpu():
                           rcond=FusionConfig().rcond)
     assert fused["layer"].device.type == "cpu" and fused["layer"].dtype == torch.float64
     assert torch.allclose(fused["layer"], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored as float32 updates: fits any base of the architecture, survives half precision
+
+
+@pytest.fixture(scope="module")
+def other_weights_dir(tmp_path_factory):
+    """A second base of the same architecture with other weights (as two SD1.5 fine-tunes are)."""
+    return build_tiny_model(tmp_path_factory.mktemp("fusion-other-weights") / "tiny", seed=1)
+
+
+def test_fused_model_on_another_base_adds_its_updates_with_a_note(fused, model_dir, other_weights_dir):
+    """Fused weights W written into another fine-tune would replace its layers with the first
+    base's; the stored updates W - W0 are added to the other base's own weights instead."""
+    result, _ = fused
+    updates = load_file(result.folder / FUSED_WEIGHTS)
+    other = fresh(other_weights_dir)
+    assert other.fingerprint == fresh(model_dir).fingerprint  # same architecture: the fingerprint cannot tell
+    before = {k: linear_of(other.unet if k.startswith("unet.") else other.text_encoder, k.split(".", 1)[1]).weight.detach().clone()
+              for k in updates if not k.startswith("concepts.")}
+    made_on = stored_weights(result.folder, model_dir)
+    loaded = load_fused(other, result.folder)
+    for key, w0 in before.items():
+        prefix, module = key.split(".", 1)
+        weight = linear_of(other.unet if prefix == "unet" else other.text_encoder, module).weight
+        assert torch.allclose(weight, w0 + updates[key], atol=1e-6), key
+        assert not torch.allclose(weight, made_on[key], atol=1e-3), key  # not the first base's weights
+    assert "applied to" in loaded.note and str(model_dir) in loaded.note
+    assert load_fused(other, result.folder).note == loaded.note  # loading again neither re-adds nor forgets
+    assert torch.allclose(linear_of(other.unet, UNET_K).weight, before[f"unet.{UNET_K}"] + updates[f"unet.{UNET_K}"], atol=1e-6)
+    assert load_fused(fresh(model_dir), result.folder).note == ""  # on the base it was made on: no note
+    on_bf16 = load_base(str(model_dir), device="cpu", dtype="bf16")  # the same base in another dtype is the same base
+    assert load_fused(on_bf16, result.folder).note == ""
+
+
+def test_fused_updates_survive_a_half_precision_base(model_dir, library, tmp_path):
+    """Fusing on a bf16 base stores float32 updates (text-LoRA-sized changes vanish in bf16), and
+    the text encoder, which holds the smallest updates, stays float32 and takes them exactly."""
+    base = load_base(str(model_dir), device="cpu", dtype="bf16")
+    result = fuse_concepts(base, library, NAMES, FusionConfig(method="weight"), out_dir=tmp_path / "bf16")
+    updates = load_file(result.folder / FUSED_WEIGHTS)
+    assert {v.dtype for v in updates.values()} == {torch.float32}
+    mean = sum(d[TEXT_Q] for d in deltas_of(library, "text_encoder")) / 2
+    assert torch.allclose(updates[f"text_encoder.{TEXT_Q}"].double(), mean, atol=1e-6)
+    small = 1e-4 * mean / mean.abs().max()  # rescaled to a text-LoRA-sized change: kept to float32 precision
+    fresh_bf16 = load_base(str(model_dir), device="cpu", dtype="bf16")
+    before = linear_of(fresh_bf16.text_encoder, TEXT_Q).weight.detach().double()
+    fusion._apply_updates(fresh_bf16.text_encoder, {TEXT_Q: small.float()})
+    kept = linear_of(fresh_bf16.text_encoder, TEXT_Q).weight.double() - before
+    assert float((kept - small).norm() / small.norm()) < 1e-3
+
+
+def test_older_format_and_other_architectures_are_refused_and_not_listed(fused, model_dir, library, tmp_path):
+    from pipelines.fusion import list_fused
+
+    result, _ = fused
+    base = fresh(model_dir)
+    assert [r["folder"] for r in list_fused(library, base)] == [str(result.folder)]
+    old = library.root / ".fused" / "old-format"
+    shutil.copytree(result.folder, old)
+    record = json.loads((old / FUSED_RECORD).read_text())
+    (old / FUSED_RECORD).write_text(json.dumps({**record, "format": "menagerie-fused-v1"}))
+    foreign = library.root / ".fused" / "foreign"
+    shutil.copytree(result.folder, foreign)
+    (foreign / FUSED_RECORD).write_text(json.dumps({**record, "fingerprint": "0123456789abcdef"}))
+    broken = library.root / ".fused" / "broken"
+    shutil.copytree(result.folder, broken)
+    (broken / FUSED_RECORD).write_text("{not json")
+    try:
+        assert [r["folder"] for r in list_fused(library, base)] == [str(result.folder)]
+        assert len(list_fused(library)) == 3  # without a base: every readable record
+        with pytest.raises(UserError, match="older Menagerie") as error:
+            load_fused(base, old)
+        assert "mochi, tama" in str(error.value) and "\n" not in str(error.value)
+        with pytest.raises(UserError, match="cannot be read"):
+            load_fused(base, broken)
+        assert base.fused is None
+    finally:
+        for folder in (old, foreign, broken):
+            shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report flags layers far above their peers
+
+
+def test_outlier_layers_flags_only_layers_far_above_their_kind():
+    from pipelines.fusion import layer_kind, outlier_layers
+
+    assert layer_kind("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") == "text encoder"
+    assert layer_kind(f"unet.{UNET_K}") == "UNet K/V"
+    assert layer_kind(f"unet.{UNET_OUT}") == "UNet"
+    errors = {f"text_encoder.layers.{i}.q_proj": [0.002, 0.003] for i in range(8)}
+    errors.update({f"unet.down.{i}.attn2.to_k": [0.06, 0.07] for i in range(8)})  # K/V: higher, but all of them
+    errors.update({f"unet.down.{i}.attn1.to_q": [0.02, 0.02] for i in range(8)})
+    assert outlier_layers(errors, ["a", "b"]) == []  # healthy: 3x between kinds is not an outlier
+    errors["unet.down.3.attn1.to_q"] = [0.02, 0.5]  # 25x its peers for concept b
+    errors["text_encoder.layers.5.q_proj"] = [0.04, 0.003]  # 20x its peers, but under the floor
+    errors["unet.down.2.attn2.to_k"] = [0.3, 0.07]  # 5x its K/V peers: not flagged
+    flagged = outlier_layers(errors, ["a", "b"])
+    assert [(r["layer"], r["concept"]) for r in flagged] == [("unet.down.3.attn1.to_q", "b")]
+    assert flagged[0]["relative_error"] == 0.5 and flagged[0]["median_of_kind"] == pytest.approx(0.02)
+    assert outlier_layers(errors, ["a", "b"], floor=0.01)[-1]["layer"] == "text_encoder.layers.5.q_proj"
+
+
+def test_fusion_report_lists_outliers_and_cli_takes_rcond(fused, model_dir, library, tmp_path, capsys):
+    result, _ = fused
+    assert result.report["outliers"] == fusion.outlier_layers(
+        {k: [v["method"][n] for n in NAMES] for k, v in result.report["layers"].items()}, NAMES)
+    assert main(["fuse", "--base", str(model_dir), "--library", str(library.root), "--concepts", "mochi,tama",
+                 "--rcond", "2", "--device", "cpu"]) == 2
+    assert "--rcond 2.0 is out of range" in capsys.readouterr().err
+    out = tmp_path / "rcond"
+    assert main(["fuse", "--base", str(model_dir), "--library", str(library.root), "--concepts", "mochi,tama",
+                 "--rcond", "1e-2", "--method", "gradient", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / FUSED_RECORD).read_text())["config"]["rcond"] == 1e-2

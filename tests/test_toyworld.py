@@ -236,7 +236,7 @@ def boxed_isolation_rates(stored, pets, count: int, **options):
     images = []
     for seed in range(count):
         config = IsolateConfig(prompt=" and ".join(f"a {look.cls}" for look in looks) + " on the grass", subjects=subjects,
-                               steps=20, guidance=5.0, seed=seed, boxes=tuple(boxes), **options)
+                               negative_prompt="", steps=20, guidance=5.0, seed=seed, boxes=tuple(boxes), **options)
         images.append(isolate(base, stored, config, detector=oracle_detector(oracle)).final)
     return layout_rates([score_layout(found, boxes, looks) for found in oracle.describe(images)])
 

@@ -766,3 +766,55 @@ def test_composites_priors_and_regulariser_are_deterministic_and_resume_exactly(
     assert resumed.losses == uninterrupted.losses
     for key in uninterrupted.tensors:
         assert torch.equal(resumed.tensors[key], uninterrupted.tensors[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16: the loss is scaled
+
+
+def test_fp16_gradients_underflow_without_loss_scaling_and_survive_with_it():
+    """A gradient of ~1e-9 (an embedding's share after fp16 layers) is zero in fp16 unless the loss is
+    scaled; `loss_scaler` keeps it and returns it unscaled to the fp32 parameter."""
+    from pipelines.train import loss_scaler
+
+    def embedding_gradient(scaler):
+        embedding = torch.nn.Parameter(torch.ones(8))  # an fp32 trainable tensor, as the concept vectors are
+        hidden = embedding.half() * torch.full((8,), 3e-5, dtype=torch.float16)  # frozen fp16 weights downstream
+        loss = 0.5 * (hidden * torch.full((8,), 3e-5, dtype=torch.float16)).float().sum()  # 0.5: 2^16 x 1 would overflow fp16
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(torch.optim.SGD([embedding], lr=0.0))
+        return embedding.grad
+
+    exact = 0.5 * 3e-5 * 3e-5  # 4.5e-10, below fp16's smallest subnormal (6e-8)
+    assert torch.all(embedding_gradient(None) == 0)
+    scaled = embedding_gradient(loss_scaler(torch.float16, torch.device("cpu")))
+    assert torch.allclose(scaled, torch.full((8,), exact), rtol=0.05)
+    assert loss_scaler(torch.float16, torch.device("cpu")).is_enabled()
+    assert not loss_scaler(torch.bfloat16, torch.device("cpu")).is_enabled()
+    assert not loss_scaler(torch.float32, torch.device("cpu")).is_enabled()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_training_scales_the_loss_exactly_when_the_unet_is_fp16(tiny_dir, photo, dtype, monkeypatch):
+    from pipelines.base import load_base
+
+    scalers = []
+    real = train_module.loss_scaler
+
+    def recording(*args):
+        scaler = real(*args)
+        calls = []
+        original = scaler.scale
+        scaler.scale = lambda loss: calls.append(float(loss)) or original(loss)
+        scalers.append((scaler, calls))
+        return scaler
+
+    monkeypatch.setattr(train_module, "loss_scaler", recording)
+    base = load_base(str(tiny_dir), device="cpu", dtype=dtype)
+    result = train_concept(base, [photo], quick_config(steps=2))
+    (scaler, calls), = scalers
+    assert scaler.is_enabled() == (dtype == "fp16")
+    assert calls == pytest.approx(result.losses)  # every step's loss went through the scaler
+    assert all(np.isfinite(result.losses))
+    assert torch.isfinite(result.tensors["embeddings"]).all()

@@ -71,7 +71,8 @@ def sample(base, library, prompt: str, count: int, seed: int = 0, regions=(), fu
     from pipelines.layout import NO_LAYOUT
     from pipelines.sample import SampleConfig, generate
 
-    config = SampleConfig(prompt=prompt, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed, num_images=count, **options)
+    # no negative prompt: the toy text encoder never saw the product's default one (photo-quality words)
+    config = SampleConfig(prompt=prompt, negative_prompt="", steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed, num_images=count, **options)
     return generate(base, library, config, regions=regions, fused=fused, layout=layout or NO_LAYOUT).images
 
 
@@ -177,7 +178,8 @@ def isolated_run(base, library, oracle, pets: list[str], fused, count: int, seed
     detector = oracle_detector(oracle)
     images = []
     for i in range(count):
-        config = IsolateConfig(prompt=pet_prompt(pets), subjects=subjects, steps=SAMPLE_STEPS, guidance=GUIDANCE, seed=seed + i)
+        config = IsolateConfig(prompt=pet_prompt(pets), subjects=subjects, negative_prompt="", steps=SAMPLE_STEPS, guidance=GUIDANCE,
+                               seed=seed + i)
         images.append(isolate(base, library, config, detector=detector, fused=fused).final)
     keep is not None and keep.append(images)
     return image_rates(oracle, images, looks)

@@ -146,7 +146,7 @@ def sample_mode(mode: str, base, library, pets, fused, count: int, seed: int = 0
     images, statuses = [], []
     with planted:
         for i in range(count):
-            config = IsolateConfig(prompt=class_prompt(pets), subjects=subjects, steps=SAMPLE_STEPS, guidance=GUIDANCE,
+            config = IsolateConfig(prompt=class_prompt(pets), subjects=subjects, negative_prompt="", steps=SAMPLE_STEPS, guidance=GUIDANCE,
                                    seed=seed + i, **options)
             result = isolate(base, library, config, detector=oracle_detector(ORACLE[0]))
             images.append(result.final)

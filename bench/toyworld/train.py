@@ -261,7 +261,7 @@ def sample_grid(folder: Path, path: Path, device) -> None:
     base = load_base(str(folder), device=str(device))
     rows = []
     for prompt in EVAL_PROMPTS:
-        images = generate(base, None, SampleConfig(prompt=prompt, steps=25, guidance=5.0, seed=0, num_images=4)).images
+        images = generate(base, None, SampleConfig(prompt=prompt, negative_prompt="", steps=25, guidance=5.0, seed=0, num_images=4)).images
         rows.append(np.concatenate([np.asarray(im) for im in images], 1))
     Image.fromarray(np.concatenate(rows, 0)).resize((4 * 128, len(rows) * 128), Image.NEAREST).save(path)
 
