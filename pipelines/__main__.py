@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "euler"])
-    p.add_argument("--lora-scale", type=float, default=0.7, help="strength of a single concept's LoRA (Mix-of-Show: 0.7)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="strength of a single concept's LoRA (default 1.0, as in every mode; Mix-of-Show suggests 0.7)")
     p.add_argument("--fused", default=None, help="fused model folder (from `fuse`); without it several concepts are fused on the fly")
     p.add_argument("--region", action="append", help="'x0,y0,x1,y1|prompt|negative' box in pixels; repeat for more regions")
     p.add_argument("--regions", default=None, help="JSON file: [{\"box\": [x0,y0,x1,y1], \"prompt\": ..., \"negative_prompt\": ...}]")

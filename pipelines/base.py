@@ -268,6 +268,8 @@ def architecture_fingerprint(unet: torch.nn.Module, text_encoder: torch.nn.Modul
             if "lora_" in name or "concept_vectors" in name:
                 continue  # adapters and concept tokens are not part of the base architecture
             name = name.replace(".base_layer", "").replace(".token_embedding.base_table", ".token_embedding")
+            if prefix == "text_encoder" and name.startswith("text_model."):  # transformers 4.x's extra level
+                name = name[len("text_model."):]
             digest.update(f"{prefix}.{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:16]
 

@@ -28,6 +28,35 @@ UNET_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
 
+# transformers 5 dropped the `text_model.` level of CLIPTextModel's module names (4.x:
+# "text_model.encoder.layers.0...", 5.x: "encoder.layers.0..."). Concept and fused files name
+# text-encoder layers without it, and `keys_for_model` adds it back for a 4.x model, so a concept
+# trained under one version loads under the other.
+TEXT_MODEL_LEVEL = "text_model."
+
+
+def canonical_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with text-encoder keys in the file naming ("text_encoder.encoder.layers...")."""
+    prefix = "text_encoder." + TEXT_MODEL_LEVEL
+    return {("text_encoder." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+
+
+def keys_for_model(tensors: dict[str, torch.Tensor], text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`tensors` (either naming) with text-encoder keys as `text_encoder`'s own module names."""
+    tensors = canonical_keys(tensors)
+    if not hasattr(text_encoder, "text_model"):
+        return tensors
+    return {("text_encoder." + TEXT_MODEL_LEVEL + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v
+            for k, v in tensors.items()}
+
+
+def text_module_name(text_encoder: torch.nn.Module, name: str) -> str:
+    """A text-encoder module name in the file naming, as `text_encoder` calls it."""
+    if hasattr(text_encoder, "text_model") and not name.startswith(TEXT_MODEL_LEVEL):
+        return TEXT_MODEL_LEVEL + name
+    return name
+
+
 def lora_config(targets: str, rank: int = LORA_RANK) -> LoraConfig:
     """LoRA as Mix-of-Show uses it: output = W0 x + 1.0 * B A x (alpha = rank gives scale 1.0).
 
@@ -107,12 +136,12 @@ def ensure_layerwise(base) -> None:
 
 
 def concept_state_dict(base, adapter: str, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors of one concept, ready for safetensors (fp32, contiguous, on the CPU)."""
+    """The tensors of one concept, ready for safetensors (fp32, contiguous, on the CPU, file naming)."""
     tensors = {"embeddings": embeddings.detach().float().cpu().contiguous()}
     for prefix, model in (("text_encoder", base.text_encoder), ("unet", base.unet)):
         for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
             tensors[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
-    return tensors
+    return canonical_keys(tensors)
 
 
 def split_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
@@ -152,6 +181,7 @@ def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None) -> None:
     rank = lora_rank_of(tensors)
     if base is None:
         return
+    embeddings, text, unet = split_state_dict(keys_for_model(tensors, base.text_encoder))
     dim = base.text_encoder.get_input_embeddings().weight.shape[1] if hasattr(base.text_encoder, "get_input_embeddings") else None
     if dim is not None and embeddings.shape[2] != dim:
         raise UserError(f"concept embeddings are {embeddings.shape[2]}-d; this base's text encoder uses {dim}-d")
@@ -178,7 +208,7 @@ def apply_concept(base, name: str, tensors: dict[str, torch.Tensor], lora_scale:
     if base.loaded_concepts.get(name) == digest:
         return  # already loaded with these weights and scale: re-injecting costs seconds at SD size
     check_concept_tensors(tensors, base)
-    embeddings, text, unet = split_state_dict(tensors)
+    embeddings, text, unet = split_state_dict(keys_for_model(tensors, base.text_encoder))
     ensure_layerwise(base)
     add_concept_tokens(base.tokenizer, base.text_encoder, name, embeddings)
     rank = lora_rank_of(tensors)

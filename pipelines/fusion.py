@@ -61,7 +61,7 @@ from .base import BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import (NUM_LAYERS, add_concept_tokens, concept_tokens, cross_attention_layers, encode_layerwise, expand_prompt,
                         install_layerwise_attention)
-from .edlora import apply_concept, lora_layers, set_active_adapters
+from .edlora import apply_concept, canonical_keys, keys_for_model, lora_layers, set_active_adapters, text_module_name
 
 METHODS = ("gradient", "weight")
 FUSED_WEIGHTS = "fused.safetensors"
@@ -266,6 +266,8 @@ def base_signature(base: BaseModel, layers: list[str]) -> dict[str, list[float]]
     out = {}
     for name in layers:
         prefix, module = name.split(".", 1)
+        if prefix == "text_encoder":
+            module = text_module_name(base.text_encoder, module)
         out[name] = weight_signature(linear_of(models[prefix], module).weight)
     return out
 
@@ -391,7 +393,8 @@ def fuse_concepts(
             return load_fused(base, folder)
 
     started = time.perf_counter()
-    tensors = [library.weights(name, base) for name in names]  # a damaged or unfitting file names its concept
+    # a damaged or unfitting file names its concept; text-encoder keys as this transformers names them
+    tensors = [keys_for_model(library.weights(name, base), base.text_encoder) for name in names]
     for name, t in zip(names, tensors):
         apply_concept(base, name, t, lora_scale=1.0)
     install_layerwise_attention(base.unet)
@@ -484,13 +487,13 @@ def fuse_concepts(
     # 5. Save only what changed (float32 updates W - W0), and the report
     updates = {f"text_encoder.{k}": v for k, v in fused_text.items()}
     updates.update({f"unet.{k}": v for k, v in {**fused_kv, **fused_spatial}.items()})
-    tensors_out = {k: v.float().cpu().contiguous() for k, v in updates.items()}
+    tensors_out = {k: v.float().cpu().contiguous() for k, v in canonical_keys(updates).items()}  # file naming
     for name, t in zip(names, tensors):
         tensors_out[f"concepts.{name}"] = t["embeddings"].float().contiguous()
     report = fusion_report(reports, names, config.method)
     record = {
         "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
-        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": signature,
+        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": canonical_keys(signature),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
         "concept_records": [r.to_json() for r in records],
     }
@@ -595,7 +598,7 @@ def load_fused(base: BaseModel, folder: str | os.PathLike) -> FusedModel:
         return FusedModel(folder=folder, concepts=record["concepts"], method=record["method"], record=record,
                           report=_read_report(folder), note=base.fused_note)
     try:
-        tensors = load_file(folder / FUSED_WEIGHTS)
+        tensors = keys_for_model(load_file(folder / FUSED_WEIGHTS), base.text_encoder)
     except Exception as error:  # safetensors raises its own error types for truncated or garbage files
         raise UserError(f"fused model {folder}: {FUSED_WEIGHTS} cannot be read ({type(error).__name__}); delete the folder and fuse again") from None
     note = _base_note(base, record)

@@ -48,7 +48,9 @@ class SampleConfig:
     height: int | None = None
     num_images: int = 1
     scheduler: str = "dpm++"  # one of SCHEDULERS
-    lora_scale: float = 0.7  # strength of a single concept's LoRA (Mix-of-Show suggests 0.7)
+    # strength of a single concept's LoRA: 1.0, as fused models and isolated branches apply every LoRA
+    # (Mix-of-Show suggests 0.7; the toy world measures 1.0 equal or better, docs/toyworld.md "One LoRA scale")
+    lora_scale: float = 1.0
 
 
 @dataclass

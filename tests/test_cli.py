@@ -121,6 +121,13 @@ def test_generate_png_metadata_and_seeds(capsys, tmp_path, tiny_dir):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(other)))
     assert read_png_metadata(other)["seed"] == 6
+    # Mix-of-Show's standard negative prompt unless one is given ('' turns it off)
+    assert meta["negative_prompt"].startswith("longbody, lowres, bad anatomy") and meta["negative_prompt"].endswith("low quality")
+    code, _, err = run(capsys, "generate", "--base", "tiny", "--library", library, "--prompt", "a photo of a dog",
+                       "--negative-prompt", "", "--steps", "2", "--seed", 5, "--out", tmp_path / "d.png", "--device", "cpu")
+    assert code == 0, err
+    assert read_png_metadata(tmp_path / "d.png")["negative_prompt"] == ""
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "d.png")))
 
 
 def test_generate_several_images_are_numbered(capsys, tmp_path):

@@ -70,7 +70,7 @@ def test_text_encoder_lora_is_exactly_qkvo_of_each_clip_layer(trained_base):
     base, _ = trained_base
     layers = base.text_encoder.config.num_hidden_layers
     expected = {f"encoder.layers.{i}.self_attn.{p}" for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
-    names = set(lora_layers(base.text_encoder))
+    names = {n.removeprefix("text_model.") for n in lora_layers(base.text_encoder)}  # transformers 4.x's extra level
     assert len(names) == 4 * layers == 8
     assert names == expected
     assert not any("fc1" in n or "fc2" in n for n in names)
@@ -216,3 +216,27 @@ def test_merged_adapter_matches_unmerged_lora_and_restores_weights_exactly(train
         assert torch.equal(layer.get_base_layer().weight, originals[name]), name
     set_active_adapters(base.unet, [])
     assert not torch.allclose(fixed_unet_output(base, "a photo of a dog"), unmerged, atol=1e-4)
+
+
+def test_concept_files_name_text_layers_the_same_under_transformers_4_and_5(fresh_base):
+    """transformers 5 dropped CLIPTextModel's `text_model.` level; a concept file written under one
+    version must load under the other (and its architecture fingerprint must not change)."""
+    from pipelines.base import architecture_fingerprint
+    from pipelines.edlora import canonical_keys, keys_for_model
+
+    file_keys = {"embeddings": torch.zeros(1), "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1),
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1)}
+    legacy = {k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in file_keys.items()}
+    assert canonical_keys(legacy).keys() == file_keys.keys() == canonical_keys(file_keys).keys()
+
+    class Legacy(torch.nn.Module):  # the 4.x layout: the same model one level down
+        def __init__(self, inner):
+            super().__init__()
+            self.text_model = inner
+
+    base = fresh_base()
+    flat = getattr(base.text_encoder, "text_model", base.text_encoder)  # the 5.x layout (4.x: its inner transformer)
+    wrapped = Legacy(flat)
+    assert keys_for_model(legacy, flat).keys() == file_keys.keys()  # a 5.x model: file naming
+    assert keys_for_model(file_keys, wrapped).keys() == legacy.keys()
+    assert architecture_fingerprint(base.unet, wrapped) == architecture_fingerprint(base.unet, flat)

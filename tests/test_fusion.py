@@ -25,7 +25,7 @@ from pipelines import fusion
 from pipelines.__main__ import main
 from pipelines.base import build_tiny_model, load_base
 from pipelines.concept import ConceptLibrary
-from pipelines.edlora import apply_concept, lora_layers, set_active_adapters
+from pipelines.edlora import apply_concept, lora_layers, set_active_adapters, text_module_name
 from pipelines.errors import UserError
 from pipelines.fusion import (
     FUSED_RECORD,
@@ -84,6 +84,11 @@ def fresh(model_dir):
     return load_base(str(model_dir), device="cpu")
 
 
+def layer_of(model, name: str) -> torch.nn.Linear:
+    """`linear_of` for a layer named as files name it (transformers 4.x adds `text_model.`)."""
+    return linear_of(model, text_module_name(model, name))
+
+
 def stored_weights(folder, model_dir) -> dict[str, torch.Tensor]:
     """The weights a stored fused model means: W0 + the stored float32 update, computed as
     `load_fused` does; concept tokens as stored."""
@@ -96,7 +101,7 @@ def stored_weights(folder, model_dir) -> dict[str, torch.Tensor]:
         prefix, module = key.split(".", 1)
         assert tensor.dtype == torch.float32, key  # updates are kept in float32 whatever the base's dtype
         model = plain.text_encoder if prefix == "text_encoder" else plain.unet
-        out[key] = linear_of(model, module).weight.detach().float() + tensor
+        out[key] = layer_of(model, module).weight.detach().float() + tensor
     return out
 
 
@@ -387,9 +392,9 @@ def test_fused_base_holds_the_stored_weights(fused, model_dir):
             continue
         prefix, module = key.split(".", 1)
         model, reference = (base.text_encoder, plain.text_encoder) if prefix == "text_encoder" else (base.unet, plain.unet)
-        weight = linear_of(model, module).weight
+        weight = layer_of(model, module).weight
         assert torch.equal(weight, tensor), key
-        assert not torch.allclose(weight, linear_of(reference, module).weight), key
+        assert not torch.allclose(weight, layer_of(reference, module).weight), key
     # adapters are off: the fused base's output is the plain linear with the fused weight
     layer = base.unet.get_submodule(UNET_K)
     x = torch.randn(3, 32)
@@ -405,7 +410,7 @@ def test_text_encoder_stage_matches_an_independent_computation(fused, model_dir,
     base = fresh(model_dir)
     for name in NAMES:
         apply_concept(base, name, library.weights(name), lora_scale=1.0)
-    module = base.text_encoder.get_submodule(TEXT_Q)
+    module = base.text_encoder.get_submodule(text_module_name(base.text_encoder, TEXT_Q))
     rows: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda mod, args: rows.append(args[0].detach()[0]))
     grams = []
@@ -421,7 +426,7 @@ def test_text_encoder_stage_matches_an_independent_computation(fused, model_dir,
             grams.append(x.T @ x)
     handle.remove()
     assert len(rows) == 2 * NUM_LAYERS
-    w0 = linear_of(base.text_encoder, TEXT_Q).weight
+    w0 = layer_of(base.text_encoder, TEXT_Q).weight
     deltas = [d[TEXT_Q] for d in deltas_of(library, "text_encoder")]
     expected = fuse_layer(w0, deltas, grams)
     stored = stored_weights(result.folder, model_dir)[f"text_encoder.{TEXT_Q}"].double()
@@ -451,7 +456,7 @@ def test_cross_attention_kv_stage_matches_an_independent_computation(fused, mode
                 rows.append(hidden[keep])
             x = torch.cat(rows).double()
             grams.append(x.T @ x)
-    w0 = linear_of(fresh(model_dir).unet, UNET_K).weight
+    w0 = layer_of(fresh(model_dir).unet, UNET_K).weight
     deltas = [d[UNET_K] for d in deltas_of(library, "unet")]
     expected = fuse_layer(w0, deltas, grams)
     stored = stored_weights(result.folder, model_dir)[f"unet.{UNET_K}"].double()
@@ -470,7 +475,7 @@ def test_unet_spatial_stage_matches_an_independent_computation(fused, model_dir,
     result, _ = fused
     stored = stored_weights(result.folder, model_dir)
     base = fresh(model_dir)
-    w0 = {n: linear_of(base.unet, n).weight.detach().clone() for n in (UNET_OUT, UNET_Q2)}
+    w0 = {n: layer_of(base.unet, n).weight.detach().clone() for n in (UNET_OUT, UNET_Q2)}
     for name in NAMES:
         apply_concept(base, name, library.weights(name), lora_scale=1.0)
     set_active_adapters(base.text_encoder, [])
@@ -478,7 +483,7 @@ def test_unet_spatial_stage_matches_an_independent_computation(fused, model_dir,
         for key, tensor in stored.items():
             prefix, module = key.split(".", 1)
             if prefix == "text_encoder" or module.endswith(("attn2.to_k", "attn2.to_v")):
-                linear_of(base.text_encoder if prefix == "text_encoder" else base.unet, module).weight.copy_(tensor)
+                layer_of(base.text_encoder if prefix == "text_encoder" else base.unet, module).weight.copy_(tensor)
     captured = {n: [] for n in w0}
     for n in w0:
         base.unet.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0].detach().reshape(-1, args[0].shape[-1])))
@@ -524,7 +529,7 @@ def test_second_call_hits_the_cache(fused, model_dir, library, monkeypatch):
     assert again.folder == result.folder
     assert (result.folder / FUSED_RECORD).read_text() == record_before
     stored = stored_weights(result.folder, model_dir)
-    assert torch.equal(linear_of(base.unet, UNET_OUT).weight, stored[f"unet.{UNET_OUT}"])
+    assert torch.equal(layer_of(base.unet, UNET_OUT).weight, stored[f"unet.{UNET_OUT}"])
     assert again.report["summary"] == json.loads(json.dumps(result.report["summary"]))
     # other settings are another fused model: not served from this cache
     with pytest.raises(AssertionError, match="recomputed"):
@@ -541,7 +546,7 @@ def test_load_fused_writes_exactly_the_stored_weights(fused, model_dir):
     for key in (f"text_encoder.{TEXT_Q}", f"unet.{UNET_K}", f"unet.{UNET_OUT}"):
         prefix, module = key.split(".", 1)
         model = base.text_encoder if prefix == "text_encoder" else base.unet
-        assert torch.equal(linear_of(model, module).weight, stored[key])
+        assert torch.equal(layer_of(model, module).weight, stored[key])
     # everything not stored is untouched
     changed = {k.split(".", 1)[1] + ".weight" for k in stored if k.startswith("unet.")}
     reference = dict(plain.unet.named_parameters())
@@ -573,7 +578,7 @@ def test_cli_weight_method_is_w0_plus_mean_delta(fused, model_dir, library, tmp_
     gradient = stored_weights(fused[0].folder, model_dir)
     plain = fresh(model_dir)
     for prefix, model, module in (("unet", plain.unet, UNET_K), ("unet", plain.unet, UNET_OUT), ("text_encoder", plain.text_encoder, TEXT_Q)):
-        w0 = linear_of(model, module).weight.double()
+        w0 = layer_of(model, module).weight.double()
         mean = sum(d[module] for d in deltas_of(library, prefix)) / 2
         assert torch.allclose(stored[f"{prefix}.{module}"].double(), w0 + mean, atol=1e-6)
         assert not torch.allclose(gradient[f"{prefix}.{module}"], stored[f"{prefix}.{module}"], atol=1e-3)
@@ -676,18 +681,18 @@ def test_fused_model_on_another_base_adds_its_updates_with_a_note(fused, model_d
     updates = load_file(result.folder / FUSED_WEIGHTS)
     other = fresh(other_weights_dir)
     assert other.fingerprint == fresh(model_dir).fingerprint  # same architecture: the fingerprint cannot tell
-    before = {k: linear_of(other.unet if k.startswith("unet.") else other.text_encoder, k.split(".", 1)[1]).weight.detach().clone()
+    before = {k: layer_of(other.unet if k.startswith("unet.") else other.text_encoder, k.split(".", 1)[1]).weight.detach().clone()
               for k in updates if not k.startswith("concepts.")}
     made_on = stored_weights(result.folder, model_dir)
     loaded = load_fused(other, result.folder)
     for key, w0 in before.items():
         prefix, module = key.split(".", 1)
-        weight = linear_of(other.unet if prefix == "unet" else other.text_encoder, module).weight
+        weight = layer_of(other.unet if prefix == "unet" else other.text_encoder, module).weight
         assert torch.allclose(weight, w0 + updates[key], atol=1e-6), key
         assert not torch.allclose(weight, made_on[key], atol=1e-3), key  # not the first base's weights
     assert "applied to" in loaded.note and str(model_dir) in loaded.note
     assert load_fused(other, result.folder).note == loaded.note  # loading again neither re-adds nor forgets
-    assert torch.allclose(linear_of(other.unet, UNET_K).weight, before[f"unet.{UNET_K}"] + updates[f"unet.{UNET_K}"], atol=1e-6)
+    assert torch.allclose(layer_of(other.unet, UNET_K).weight, before[f"unet.{UNET_K}"] + updates[f"unet.{UNET_K}"], atol=1e-6)
     assert load_fused(fresh(model_dir), result.folder).note == ""  # on the base it was made on: no note
     on_bf16 = load_base(str(model_dir), device="cpu", dtype="bf16")  # the same base in another dtype is the same base
     assert load_fused(on_bf16, result.folder).note == ""
@@ -704,9 +709,9 @@ def test_fused_updates_survive_a_half_precision_base(model_dir, library, tmp_pat
     assert torch.allclose(updates[f"text_encoder.{TEXT_Q}"].double(), mean, atol=1e-6)
     small = 1e-4 * mean / mean.abs().max()  # rescaled to a text-LoRA-sized change: kept to float32 precision
     fresh_bf16 = load_base(str(model_dir), device="cpu", dtype="bf16")
-    before = linear_of(fresh_bf16.text_encoder, TEXT_Q).weight.detach().double()
-    fusion._apply_updates(fresh_bf16.text_encoder, {TEXT_Q: small.float()})
-    kept = linear_of(fresh_bf16.text_encoder, TEXT_Q).weight.double() - before
+    before = layer_of(fresh_bf16.text_encoder, TEXT_Q).weight.detach().double()
+    fusion._apply_updates(fresh_bf16.text_encoder, {text_module_name(fresh_bf16.text_encoder, TEXT_Q): small.float()})
+    kept = layer_of(fresh_bf16.text_encoder, TEXT_Q).weight.double() - before
     assert float((kept - small).norm() / small.norm()) < 1e-3
 
 
@@ -715,7 +720,8 @@ def test_older_format_and_other_architectures_are_refused_and_not_listed(fused, 
 
     result, _ = fused
     base = fresh(model_dir)
-    assert [r["folder"] for r in list_fused(library, base)] == [str(result.folder)]
+    listed = [r["folder"] for r in list_fused(library, base)]  # this and whatever other tests fused
+    assert str(result.folder) in listed
     old = library.root / ".fused" / "old-format"
     shutil.copytree(result.folder, old)
     record = json.loads((old / FUSED_RECORD).read_text())
@@ -727,8 +733,8 @@ def test_older_format_and_other_architectures_are_refused_and_not_listed(fused, 
     shutil.copytree(result.folder, broken)
     (broken / FUSED_RECORD).write_text("{not json")
     try:
-        assert [r["folder"] for r in list_fused(library, base)] == [str(result.folder)]
-        assert len(list_fused(library)) == 3  # without a base: every readable record
+        assert [r["folder"] for r in list_fused(library, base)] == listed
+        assert len(list_fused(library)) == len(listed) + 2  # without a base: every readable record
         with pytest.raises(UserError, match="older Menagerie") as error:
             load_fused(base, old)
         assert "mochi, tama" in str(error.value) and "\n" not in str(error.value)

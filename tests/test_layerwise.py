@@ -42,7 +42,8 @@ def test_concept_tokens_are_word_major():
 
 def test_concepts_in_keeps_first_appearance_order():
     assert concepts_in("<tama> and <mochi> with <tama>") == ["tama", "mochi"]
-    assert concepts_in("a photo of a dog, <NotAConcept>") == []
+    assert concepts_in("a photo of a dog, <not a concept>") == []
+    assert concepts_in("a photo of a dog, <NotAConcept>") == ["notaconcept"]  # a name, if an unknown one
 
 
 def test_expand_prompt_replaces_each_concept_by_its_layer_tokens():
@@ -136,6 +137,35 @@ def test_unknown_concept_in_prompt_is_a_user_error(base):
     add_concept_tokens(base.tokenizer, base.text_encoder, "mochi", distinct_vectors())
     with pytest.raises(UserError, match=r"unknown concept <tama>.*known: mochi"):
         encode_layerwise(base.tokenizer, base.text_encoder, ["<mochi> and <tama>"])
+
+
+def test_a_concept_written_with_capitals_is_the_same_concept(base):
+    """`<Mochi>` used to pass as plain text (a silent miss); it resolves to <mochi>."""
+    add_concept_tokens(base.tokenizer, base.text_encoder, "mochi", distinct_vectors())
+    assert concepts_in("<Mochi> and <MOCHI> on <mochi>'s mat") == ["mochi"]
+    assert expand_prompt("a <Mochi>", 3, {"mochi"}) == "a <mochi-r3> <mochi-c3>"
+    upper = encode_layerwise(base.tokenizer, base.text_encoder, ["a photo of <Mochi>"])
+    lower = encode_layerwise(base.tokenizer, base.text_encoder, ["a photo of <mochi>"])
+    assert torch.equal(upper, lower)
+    with pytest.raises(UserError, match=r"unknown concept <tama>"):
+        encode_layerwise(base.tokenizer, base.text_encoder, ["<Tama>"])
+
+
+def test_a_concept_past_clips_77_tokens_is_an_error_and_plain_words_a_warning(base):
+    """CLIP reads 75 tokens between start and end of text; the rest used to be cut off silently."""
+    add_concept_tokens(base.tokenizer, base.text_encoder, "mochi", distinct_vectors())
+    filler = " ".join(["grass"] * 74)
+    with pytest.raises(UserError, match=r"<mochi> would be cut off") as error:
+        encode_layerwise(base.tokenizer, base.text_encoder, [f"{filler} <mochi>"])  # the concept's tokens are 75 and 76
+    assert "\n" not in str(error.value)
+    with pytest.warns(layerwise.PromptTooLong, match=r"ignored: 'sky sky'"):
+        context = encode_layerwise(base.tokenizer, base.text_encoder, [f"<mochi> {' '.join(['grass'] * 73)} sky sky"])
+    assert context.shape == (1, NUM_LAYERS * SEQ, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 73 words + the concept's 2 tokens = 75: fits, no warning
+        encode_layerwise(base.tokenizer, base.text_encoder, [f"<mochi> {' '.join(['grass'] * 73)}"])
 
 
 # ---------------------------------------------------------------------------------------------

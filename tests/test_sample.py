@@ -85,7 +85,8 @@ def test_generate_with_a_trained_concept(fresh_base, library):
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
     meta = result.metadata
     assert meta["concepts"] == ["mochi"] and meta["method"] == "plain" and meta["fused"] is None
-    assert (meta["prompt"], meta["seed"], meta["steps"], meta["lora_scale"]) == ("a photo of <mochi>", 0, 2, 0.7)
+    # one LoRA scale in every mode: 1.0, as fused models and isolated branches apply it
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["lora_scale"]) == ("a photo of <mochi>", 0, 2, 1.0)
     assert (meta["width"], meta["height"]) == (64, 64)
     assert "random test model" in meta["note"]
     again = generate(fresh_base(), library, config).images[0]

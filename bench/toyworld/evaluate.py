@@ -247,8 +247,8 @@ def run_all(samples: int, device: str = "cpu", steps: int = PET_STEPS, save=None
         results["single"][pet] = {
             "class_word": identity_rate(base, library, oracle, f"a {look.cls} on the beach", look, samples, keep=kept(f"{pet}/class_word")),
             "embedding_only": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/embedding_only"), lora_scale=0.0),
-            "concept": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/concept")),
-            # a fused model applies every LoRA at full strength; one concept samples at 0.7 by default
+            # Mix-of-Show's suggested scale for one ED-LoRA, and the product's (1.0 in every mode, as fused models apply it)
+            "concept": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/concept"), lora_scale=0.7),
             "concept_full": identity_rate(base, library, oracle, prompt, look, samples, keep=kept(f"{pet}/concept_full"),
                                           lora_scale=1.0),
         }
