@@ -1,6 +1,7 @@
 """ED-LoRA training of one concept (Mix-of-Show, Gu et al. 2023, section 3.3.1).
 
-Faithful to Mix-of-Show's `[main]` recipe (see shared/research/mix_of_show.md section 1):
+Mix-of-Show's `[main]` recipe (shared/research/mix_of_show.md section 1), with the deviations that
+docs/architecture.md lists ("Deviations from the reference recipes"):
 two new words per concept, V_rand (N(0, 0.013^2), one draw shared by its 16 layers) and V_class
 (the class word's embedding), 16 layer-wise embeddings each; LoRA rank 4, scale 1.0, on CLIP
 attention q/k/v/out and UNet attn1+attn2 q/k/v/out; AdamW (wd 0.01) with lr 1e-3 embeddings, 1e-5
@@ -829,6 +830,7 @@ def train_concept(
     unet = unet_forward(base)
     trainable = [vectors] + text_params + unet_params
     started, start_step = time.perf_counter(), step
+    preview_seconds: list[float] = []  # each preview's time, kept out of the step time and added per preview to come
     # Mix-of-Show's regulariser needs to know where the subject is: only with subject masks
     attention_maps = ConceptAttentionMaps() if masks is not None and config.attn_reg_weight > 0 else None
     recording = recording_cross_attention(base.unet, attention_maps) if attention_maps is not None else nullcontext()
@@ -899,10 +901,12 @@ def train_concept(
                 checkpoint()
             preview = None
             if config.preview_every and step % config.preview_every == 0:
+                preview_started = time.perf_counter()
                 preview = _preview(base, config)
+                preview_seconds.append(time.perf_counter() - preview_started)
             if callback is not None and here.rank == 0:
-                elapsed = time.perf_counter() - started
-                eta = elapsed / (step - start_step) * (total - step)
+                eta = training_eta(time.perf_counter() - started - sum(preview_seconds), step - start_step, step, total,
+                                   preview_seconds, config)
                 callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
 
     # 6. Wrap up: the concept's tensors and a preview sample
@@ -930,6 +934,18 @@ def train_concept(
         embeddings_frozen_at=frozen_at,
         seconds=time.perf_counter() - started,
     )
+
+
+def training_eta(step_seconds: float, steps_timed: int, step: int, total: int, preview_seconds: list[float],
+                 config: TrainConfig) -> float:
+    """Seconds left after `step` of `total`: the steps to come at the pace of the `steps_timed` so far
+    (previews excluded), plus the previews to come and the final one, at their measured time (before
+    the first, a sampling step is taken as half a training step)."""
+    per_step = step_seconds / max(steps_timed, 1)
+    per_preview = sum(preview_seconds) / len(preview_seconds) if preview_seconds else config.preview_steps * per_step / 2
+    every = config.preview_every
+    previews_left = (total // every - step // every) if every else 0
+    return per_step * (total - step) + per_preview * (previews_left + 1)
 
 
 def _preview(base: BaseModel, config: TrainConfig) -> Image.Image:

@@ -350,7 +350,7 @@ def test_isolate_each_subject_region_comes_from_its_branch(fresh_base, library, 
     lay_index = layout_step_index(scheduler.timesteps, 0.75, 1000)
     with torch.no_grad():
         set_active_adapters(base.unet, [])
-        context = torch.cat([encode_layerwise(base.tokenizer, base.text_encoder, [t]) for t in ("", PROMPT)])
+        context = torch.cat([encode_layerwise(base.tokenizer, base.text_encoder, [t]) for t in (config.negative_prompt, PROMPT)])
         x = initial_latents(base, 1, 64, 64, 3) * scheduler.init_noise_sigma
         for t in scheduler.timesteps[:lay_index]:
             eps_u, eps_c = base.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
@@ -470,7 +470,7 @@ def test_multi_attachment_only(fresh_base, library, monkeypatch):
     plain = isolate(base, library, IsolateConfig(prompt="a dog", steps=4, seed=2), detector=never)
     with torch.no_grad():
         cond = encode_layerwise(base.tokenizer, base.text_encoder, ["a dog"])
-        uncond = encode_layerwise(base.tokenizer, base.text_encoder, [""])
+        uncond = encode_layerwise(base.tokenizer, base.text_encoder, [config.negative_prompt])
         expected = denoise(base, initial_latents(base, 1, 64, 64, 2), cond, uncond, 4, config.guidance)
     assert torch.allclose(plain.latents, expected, atol=1e-4)
     assert (plain.latents - result.latents).abs().max() > 1e-2  # the attachments changed the sample

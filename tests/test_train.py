@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import warnings
 from dataclasses import replace
 
@@ -589,7 +590,7 @@ def test_result_record_and_progress_reports(base, photo):
     assert [r.step for r in reports] == [1, 2, 3] and {r.total for r in reports} == {3}
     assert [r.loss for r in reports] == result.losses
     assert all(r.eta_seconds >= 0 and r.embedding_norm > 0 for r in reports)
-    assert reports[-1].eta_seconds == 0
+    assert reports[-1].eta_seconds > 0  # the final preview is still to come
     record = result.concept
     assert (record.name, record.class_word, record.photo_count) == ("mochi", "dog", 2)
     assert record.fingerprint == base.fingerprint and record.is_test_model is True
@@ -818,3 +819,27 @@ def test_training_scales_the_loss_exactly_when_the_unet_is_fp16(tiny_dir, photo,
     assert calls == pytest.approx(result.losses)  # every step's loss went through the scaler
     assert all(np.isfinite(result.losses))
     assert torch.isfinite(result.tensors["embeddings"]).all()
+
+
+def test_eta_counts_the_previews_to_come_and_the_final_one(base, photo, monkeypatch):
+    """The ETA used to leave previews out: it sat at 0:00 while the final preview was drawn."""
+    from pipelines.train import training_eta
+
+    config = quick_config(steps=10, preview_every=4, preview_steps=6)
+    # 2 s of steps over 4 steps = 0.5 s a step; previews measured at 3 s; after step 4: 6 steps,
+    # previews at 8 and the final one to come
+    assert training_eta(2.0, 4, 4, 10, [3.0], config) == pytest.approx(0.5 * 6 + 3.0 * 2)
+    assert training_eta(2.0, 4, 10, 10, [3.0], config) == pytest.approx(3.0)  # only the final preview is left
+    assert training_eta(2.0, 4, 4, 10, [], config) == pytest.approx(0.5 * 6 + 6 * 0.5 / 2 * 2)  # none measured yet
+    assert training_eta(2.0, 4, 4, 10, [], replace(config, preview_every=0)) == pytest.approx(0.5 * 6 + 1.5)
+
+    real_preview = train_module._preview
+
+    def slow_preview(*args):
+        time.sleep(0.2)
+        return real_preview(*args)
+
+    monkeypatch.setattr(train_module, "_preview", slow_preview)
+    reports = []
+    train_concept(base, [photo], quick_config(steps=2, preview_every=1), callback=reports.append)
+    assert reports[-1].eta_seconds >= 0.2  # the final preview, measured at >= 0.2 s, is still to come
