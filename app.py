@@ -6,6 +6,7 @@ results. It adds no ML of its own.
 
     python app.py                     # default Hub base model (loaded when first needed)
     python app.py --base tiny         # built-in random test model: runs offline, images are noise
+    python app.py --demo              # the toy world (pipelines/demo.py): a small real model, offline, on a CPU
     python app.py --port 7860 --concepts-dir ./concepts --outputs-dir ./outputs
     python app.py --safety-checker on # screen every image (the default on Hugging Face Spaces)
 
@@ -27,15 +28,56 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import gradio as gr
+
+# ---------------------------------------------------------------------------------------------
+# The command line, read before the heavy imports below: `python app.py --help` answers at once
+
+
+def persistent_dir() -> Path | None:
+    """Spaces' persistent storage (/data), when the Space has it; the disk beside the app is wiped on restart."""
+    data = Path("/data")
+    if os.environ.get("SPACE_ID") and data.is_dir() and os.access(data, os.W_OK):
+        return data / "menagerie"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The studio's command line. It imports nothing heavy (no gradio, torch or model code), so
+    `python app.py --help` and a mistyped flag answer at once; `main` parses the same flags."""
+    from pipelines import DEFAULT_BASE, DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+    from pipelines.__main__ import default_library
+
+    storage = persistent_dir()
+    parser = argparse.ArgumentParser(description="Menagerie studio")
+    parser.add_argument("--base", default=os.environ.get("MENAGERIE_BASE", DEFAULT_BASE), help="Hub id, diffusers folder, checkpoint file or 'tiny'")
+    parser.add_argument("--concepts-dir", default=str(storage / "concepts") if storage else default_library(), help="concept library folder")
+    parser.add_argument("--outputs-dir", default=str(storage / "outputs") if storage else "outputs", help="where generated images are saved")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--safety-checker", choices=["on", "off"], default=None,
+                        help="screen every generated image with Stable Diffusion's safety checker (flagged ones turn black);"
+                             " default: on when running on Hugging Face Spaces, off elsewhere")
+    parser.add_argument("--detector", default=None,
+                        help=f"Grounding DINO for Isolated mode and automatic masks: Hub id, local folder or 'tiny' (default {DEFAULT_DETECTOR})")
+    parser.add_argument("--segmenter", default=None, help=f"SAM: Hub id, local folder or 'tiny' (default {DEFAULT_SEGMENTER})")
+    parser.add_argument("--demo", action="store_true",
+                        help="the offline demo on the toy world (docs/toyworld.md): a small real model, stock pets, the oracle as"
+                             " detector; runs on a CPU. The default on a Space without a GPU")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags answer here, before gradio and torch load (seconds)
+
+import gradio as gr  # noqa: E402 (after the command line above, on purpose)
 import torch
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from pipelines.__main__ import default_library
-from pipelines.base import DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, default_dtype, load_base, resolve_device
-from pipelines.concept import ConceptLibrary
-from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, subject_mask
+from pipelines.base import (DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, architecture_of, default_dtype,
+                            load_base, native_resolution_of, resolve_device)
+from pipelines.concept import ConceptLibrary, normalise_name
+from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, model_problem, subject_mask
 from pipelines.errors import UserError
 from pipelines.fusion import FUSED_FORMAT, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
 from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
@@ -71,14 +113,6 @@ try:  # @spaces.GPU attaches a GPU on ZeroGPU Spaces and does nothing anywhere e
 except ImportError:
     def gpu_task(function):
         return function
-
-
-def persistent_dir() -> Path | None:
-    """Spaces' persistent storage (/data), when the Space has it; the disk beside the app is wiped on restart."""
-    data = Path("/data")
-    if os.environ.get("SPACE_ID") and data.is_dir() and os.access(data, os.W_OK):
-        return data / "menagerie"
-    return None
 
 
 def base_problem(name: str) -> str | None:
@@ -280,6 +314,19 @@ def rows_from_annotator(value: dict | None, width: int, height: int, previous: l
     return rows
 
 
+def scale_rows(rows: list[BoxRow], old_size: tuple[int, int], new_size: tuple[int, int]) -> list[BoxRow]:
+    """The boxes after the image is resized from `old_size` to `new_size` (width, height): each keeps
+    its place and its share of the image (clamping instead turned boxes into zero-area ones)."""
+    (old_w, old_h), (new_w, new_h) = old_size, new_size
+    sx, sy = new_w / max(old_w, 1), new_h / max(old_h, 1)
+    scaled = []
+    for row in rows:
+        x0, y0 = min(round(row.box[0] * sx), new_w - 1), min(round(row.box[1] * sy), new_h - 1)
+        x1, y1 = max(min(round(row.box[2] * sx), new_w), x0 + 1), max(min(round(row.box[3] * sy), new_h), y0 + 1)
+        scaled.append(replace(row, box=(x0, y0, x1, y1)))
+    return scaled
+
+
 def rows_to_table(rows: list[BoxRow]) -> list[list]:
     return [[r.label, *r.box, r.prompt, r.negative_prompt, r.find] for r in rows]
 
@@ -361,6 +408,103 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+class StepClock:
+    """A sampler callback `(step, total)` that reports progress with an ETA from the steps so far."""
+
+    def __init__(self, job: Job, stage: str):
+        self.job, self.stage = job, stage
+        self.started: float | None = None
+        self.steps = 0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now  # the first report comes after the first step: time from there
+        self.steps = step
+        per_step = (now - self.started) / (step - 1) if step > 1 else None
+        self.job.update(step=step, total=total, stage=self.stage, eta_seconds=per_step * (total - step) if per_step else None)
+
+    def seconds_per_step(self) -> float | None:
+        return (time.perf_counter() - self.started) / (self.steps - 1) if self.started is not None and self.steps > 1 else None
+
+
+def speed_key(kind: str, base, request: GenerationRequest) -> tuple:
+    """Jobs whose steps cost alike: the same kind, base, device, image size, images and boxes."""
+    return (kind, base.name, str(base.device), request.width, request.height, request.num_images, len(request.rows), request.mode)
+
+
+class SpeedLog:
+    """Seconds per denoising step as measured by finished jobs, by `speed_key`; the last one counts."""
+
+    def __init__(self):
+        self._seconds: dict[tuple, float] = {}
+
+    def record(self, key: tuple, seconds_per_step: float | None) -> None:
+        if seconds_per_step:
+            self._seconds[key] = seconds_per_step
+
+    def get(self, key: tuple, default=None):
+        return self._seconds.get(key, default)
+
+    def nearest(self, kind: str, name: str, device: str, pixels: int) -> float | None:
+        """Seconds per step of the measured job of this kind, base and device closest in image area,
+        scaled to `pixels` (a step's cost grows about linearly with the area)."""
+        found = [(abs(k[3] * k[4] - pixels), v * pixels / (k[3] * k[4] * k[5] or 1)) for k, v in self._seconds.items()
+                 if k[:3] == (kind, name, device)]
+        return min(found)[1] if found else None
+
+
+def generation_estimate(studio: "Studio", mode: str, width: int, height: int, steps: int, num_images: int) -> str:
+    """What a generation will cost, said before it starts: measured speed if this studio has one,
+    and a warning for a canvas much larger than the model's native size on a CPU."""
+    device = studio.models.model.device if studio.models.model is not None else resolve_device(None)
+    native = studio.default_size
+    lines = []
+    per_step = studio.speeds.nearest("generate", studio.base_name, str(device), width * height)
+    if per_step:
+        layouts = 2 if mode == ISOLATED else 1  # isolation samples a layout, then the branches
+        lines.append(f"Estimated time: about {format_seconds(per_step * steps * num_images * layouts)}"
+                     f" (measured by this studio's last job on {device.type}).")
+    elif device.type == "cpu" and native >= 512:
+        lines.append(f"On a CPU a {native} px model takes several seconds a step: {steps} steps x {num_images} image(s)"
+                     f" run for minutes. The first job measures it.")
+    area = (width * height) / (native * native)
+    if device.type == "cpu" and area > 1.5:
+        lines.append(f"⚠ {width}x{height} is {area:.0f}x the area of this model's native {native}x{native} on a CPU:"
+                     f" expect it to take about {area:.0f} times as long, and models draw best near their native size.")
+    return "\n\n".join(lines)
+
+
+def training_estimate(studio: "Studio", photo_count: int, steps: int, batch_size: int) -> str:
+    """What a training run will cost, said before it starts (default steps: 500 per photo / batch)."""
+    from pipelines.train import default_steps
+
+    steps = steps or (default_steps(photo_count, batch_size) if photo_count else 0)
+    if not steps:
+        return ""
+    device = studio.models.model.device if studio.models.model is not None else resolve_device(None)
+    per_step = studio.speeds.get(("train", studio.base_name, str(device), batch_size))
+    if per_step:
+        return f"{steps} steps: about {format_seconds(per_step * steps)} (measured by this studio's last training on {device.type})."
+    if device.type == "cpu" and studio.default_size >= 512:
+        return (f"⚠ {steps} steps on a CPU: an SD1.5 training step takes tens of seconds there, so this would run for"
+                f" hours. Train on a GPU, or try `python app.py --demo` (the toy world trains a pet in minutes on a CPU).")
+    return f"{steps} steps; the first training on this machine measures how long a step takes."
+
+
+def history_items(paths: list[str]) -> list[tuple[str, str]]:
+    """Gallery items for saved images, each captioned with its prompt, mode and seed (from its PNG)."""
+    items = []
+    for path in paths:
+        try:
+            metadata = read_png_metadata(path)
+        except (OSError, ValueError):
+            metadata = {}
+        caption = f"{metadata.get('prompt', '')} · {metadata.get('method', '')} · seed {metadata.get('seed', '?')}" if metadata else ""
+        items.append((path, caption[:120]))
+    return items
+
+
 def progress_html(state: JobState | None, idle: str = "") -> str:
     """A job's state as a progress bar with step, loss and ETA, a queue place, or its outcome."""
     if state is None:
@@ -386,6 +530,11 @@ def progress_html(state: JobState | None, idle: str = "") -> str:
     return f"<div class='job-{state.status}'>{icon} {title}: {state.status}. {html.escape(state.message)}</div>"
 
 
+def done_html(message: str) -> str:
+    """A finished action's message for an HTML status line; concept names like <mochi> stay visible."""
+    return f"<div class='library-done'>✓ {html.escape(message)}</div>"
+
+
 def error_html(error: Exception) -> str:
     return f"<div class='job-failed'>⚠ {html.escape(str(error))}</div>"
 
@@ -406,8 +555,9 @@ class Studio:
     """What the page can ask for; every method calls `pipelines` and returns plain values."""
 
     def __init__(self, base_name: str, library_dir: str | os.PathLike, outputs_dir: str | os.PathLike,
-                 safety_checker: bool | None = None):
+                 safety_checker: bool | None = None, detector: str | None = None, segmenter: str | None = None, demo=None):
         self.base_name = base_name
+        self.demo = demo  # pipelines.demo.Demo in demo mode (the toy world): its examples, form defaults, banner
         self.library = ConceptLibrary(library_dir)
         self.outputs = Path(outputs_dir).expanduser()
         self.outputs.mkdir(parents=True, exist_ok=True)
@@ -415,14 +565,24 @@ class Studio:
         self.models = BaseModels(base_name, safety_enabled(None) if safety_checker is None else safety_checker)
         self.jobs = JobQueue()
         self.library_version = 0  # bumped on every change, so polling pages know to redraw
+        self.speeds = SpeedLog()  # seconds per denoising step, measured by this studio's jobs, for estimates
         self.load_problem = base_problem(base_name)
+        self._native_size: int | None = None  # read from the base's configs on first use
         self.is_test_model = base_name == TINY
-        self.detector = TINY if self.is_test_model else DEFAULT_DETECTOR  # the test model pairs with random detectors
-        self.segmenter = TINY if self.is_test_model else DEFAULT_SEGMENTER
+        # the test model pairs with random detectors; a problem loading them is found now and said in the status
+        self.detector = detector or (TINY if self.is_test_model else DEFAULT_DETECTOR)
+        self.segmenter = segmenter or (TINY if self.is_test_model else DEFAULT_SEGMENTER)
+        self.detector_problem = (model_problem("detector", self.detector) if isinstance(self.detector, str) else None) or (
+            model_problem("segmenter", self.segmenter) if isinstance(self.segmenter, str) else None)
 
     @property
     def default_size(self) -> int:
-        return 64 if self.is_test_model else 512
+        """The canvas's starting size: the base's native size (64 for tiny and the toy world, 512 for SD1.5)."""
+        if self.models.model is not None:
+            return self.models.model.native_resolution
+        if self._native_size is None:
+            self._native_size = native_resolution_of(self.base_name)
+        return self._native_size
 
     def library_changed(self) -> None:
         self.library_version += 1
@@ -434,7 +594,8 @@ class Studio:
         model = self.models.model
         device = model.device if model is not None else resolve_device(None)
         dtype = model.dtype if model is not None else default_dtype(device)
-        state = "loaded" if model is not None else "not loaded yet (loads with the first job)"
+        problem = self.models.error or (self.load_problem if model is None else None)
+        state = "loaded" if model is not None else "cannot be loaded" if problem else "not loaded yet (loads with the first job)"
         lines = [f"**Base model** `{self.base_name}`: {state} · **device** {device} · **dtype** {str(dtype).replace('torch.', '')}"]
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
@@ -442,10 +603,14 @@ class Studio:
         else:
             lines[0] += " · no GPU"
         lines[0] += f" · **safety checker** {'on' if self.models.safety_checker else 'off'}"
-        problem = self.models.error or (self.load_problem if model is None else None)
+        lines[0] += f" · **detector** {'cannot be loaded' if self.detector_problem else 'ready'}"
         if problem:
             lines.append(f"⚠ **The base model cannot be loaded.** {problem}. Restart with `python app.py --base PATH_OR_ID`,"
-                         f" or `python app.py --base tiny` to try the studio offline.")
+                         f" or `python app.py --demo` to try the studio offline on a CPU with the toy world (a small real"
+                         f" model of simple animals, with pets already trained).")
+        if self.detector_problem:
+            lines.append(f"⚠ **Isolated mode and automatic masks are off: the detector cannot be loaded.**"
+                         f" {self.detector_problem.replace('--detector', 'python app.py --detector').replace('--segmenter', 'python app.py --segmenter')}.")
         if on_zero_gpu():
             lines.append("This Space runs on shared ZeroGPU hardware: generation works, training needs a dedicated GPU.")
         return "\n\n".join(lines)
@@ -460,11 +625,16 @@ class Studio:
                             " Duplicate the Space onto a GPU (⋮ menu → Duplicate this Space, e.g. an A10G) and train there")
         if not photo_paths:
             raise UserError("no photos given; drop 3 or more photos of one pet in the photo box")
+        if auto_mask and self.detector_problem:
+            raise UserError(f"automatic masks need the detector, which cannot be loaded: {self.detector_problem};"
+                            f" untick 'Find the pet in each photo automatically' to train without masks")
         with warnings.catch_warnings(record=True) as caught:  # e.g. "only 2 photos": shown with the result
             warnings.simplefilter("always")
             photos, _ = load_training_set([Path(p) for p in photo_paths])  # loaded now: upload temp files may vanish
         notes = [str(w.message) for w in caught]
-        config = check_train_config(config, len(photos))
+        name, note = normalise_name(config.name)  # "Buddy" trains <buddy>; the note comes with the result
+        notes += [note] if note else []
+        config = check_train_config(replace(config, name=name), len(photos))
         if config.name in self.library.names() and not overwrite:
             raise UserError(f"a concept named <{config.name}> already exists; choose another name or tick 'replace'")
         if not config.preview_every:
@@ -485,8 +655,13 @@ class Studio:
                 notes.append(f"no {config.class_word} found in photo(s) {', '.join(missing)}; their loss covers the whole photo")
         preview_dir = self.outputs / ".training" / f"{job.id}-{config.name}"
 
+        started = time.perf_counter()
+
         def report(progress) -> None:
-            job.update(step=progress.step, total=progress.total, loss=progress.loss, eta_seconds=progress.eta_seconds, stage="")
+            job.update(step=progress.step, total=progress.total, loss=progress.loss, eta_seconds=progress.eta_seconds,
+                       stage="" if progress.step < progress.total else "drawing the final preview and saving")
+            self.speeds.record(("train", self.base_name, str(base.device), config.batch_size),
+                               (time.perf_counter() - started) / progress.step)
             if progress.preview is not None:
                 path = preview_dir / f"step_{progress.step:05d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -499,6 +674,11 @@ class Studio:
         self.library_changed()
         job.update(message="; ".join(notes))
         return config.name
+
+    def cancel_latest(self, kind: str) -> JobState | None:
+        """Cancel the newest queued or running job of `kind` ("train", "fuse" or "generate"); None if there is none."""
+        latest = self.jobs.latest(kind)
+        return self.jobs.cancel(latest.id) if latest is not None and latest.active else None
 
     def cancel_training(self) -> JobState | None:
         latest = next((s for s in reversed(self.jobs.jobs("train")) if s.active), None)
@@ -524,7 +704,10 @@ class Studio:
         return str(self.library.export(name, self.outputs / ".exports" / f"{name}.safetensors"))
 
     def import_concept(self, path: str, name: str = "") -> str:
-        concept = self.library.import_file(path, name=name.strip() or None)
+        """Refuse a concept of another architecture now, not at Generate: checked against the loaded base,
+        or before it loads against the architecture its configs describe (no weights read)."""
+        base = self.models.model or architecture_of(self.base_name)
+        concept = self.library.import_file(path, name=name.strip() or None, base=base)
         self.library_changed()
         return f"imported <{concept.name}> ({concept.class_word})"
 
@@ -569,6 +752,8 @@ class Studio:
                 self.library.get(name)  # unknown or damaged concepts fail now, not in the queue
         if request.mode == ISOLATED and not request.rows:
             raise UserError("Isolated mode needs subjects: draw a box for each pet and label it with its concept")
+        if request.mode == ISOLATED and self.detector_problem:
+            raise UserError(f"Isolated mode needs the detector, which cannot be loaded: {self.detector_problem}")
         if request.mode not in (REGIONAL, ISOLATED):
             raise UserError(f"unknown mode {request.mode!r}; pick {REGIONAL} or {ISOLATED}")
         kind = "isolated" if request.mode == ISOLATED else "regional"
@@ -588,9 +773,10 @@ class Studio:
         config = SampleConfig(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
                               guidance=request.guidance, seed=request.seed, width=request.width, height=request.height,
                               num_images=request.num_images)
+        clock = StepClock(job, "sampling")
         result = generate(base, self.library, config, regions=regions_of(list(request.rows)), fused=request.fused,
-                          callback=lambda step, total: job.update(step=step, total=total, stage="sampling"), cancel=job.cancel_event,
-                          layout=layout_of(request))
+                          callback=clock, cancel=job.cancel_event, layout=layout_of(request))
+        self.speeds.record(speed_key("generate", base, request), clock.seconds_per_step())
         stem = self._new_stem()
         paths = [str(save_png(image, self.outputs / f"{stem}-{i + 1}.png", self._metadata(result.metadata, request, i)))
                  for i, image in enumerate(result.images)]
@@ -600,11 +786,15 @@ class Studio:
 
     def _isolate(self, job: Job, base, request: GenerationRequest) -> GenerationOutput:
         output, stem = GenerationOutput(), self._new_stem()
+        if isinstance(self.detector, str):  # a named model loads now (the demo's oracle is already there)
+            job.update(stage="loading the detector (Grounding DINO + SAM)")
         for i in range(request.num_images):  # isolation makes one image per call: seeds seed, seed + 1, ...
             config = isolate_config(request, i)
 
+            clocks: dict[str, StepClock] = {}  # one per stage (layout, isolate): their steps cost differently
+
             def report(stage: str, step: int, total: int, index=i) -> None:
-                job.update(stage=f"image {index + 1}/{request.num_images}: {stage}", step=step, total=total)
+                clocks.setdefault(stage, StepClock(job, f"image {index + 1}/{request.num_images}: {stage}"))(step, total)
 
             result = isolate(base, self.library, config, detector=self.detector, segmenter=self.segmenter,
                              fused=request.fused, callback=report, cancel=job.cancel_event)
@@ -708,10 +898,18 @@ def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
             caption += " · test model (noise)"
         if preview is not None:
             gallery.append((str(preview), caption))
-        rows.append([concept.token, concept.class_word, concept.photo_count, concept.base_model, concept.created, ""])
+        rows.append([concept.token, concept.class_word, concept.photo_count, short_base_name(concept.base_model), concept.created, ""])
     for name, problem in library.damaged().items():
         rows.append([f"<{name}>", "", "", "", "", f"⚠ {problem}"])
     return gallery, rows
+
+
+def short_base_name(name: str) -> str:
+    """A base model as the library table shows it: a Hub id or "tiny" as it is, a local folder or
+    checkpoint file by its own name (not the absolute path of the machine it was trained on)."""
+    if name == TINY or _is_hub_id(name):
+        return name
+    return Path(name.replace("\\", "/").rstrip("/")).name or name  # a Windows path too
 
 
 def usable_names(library: ConceptLibrary) -> list[str]:
@@ -764,6 +962,7 @@ CSS = """
 .job-failed, .job-cancelled {color: #b91c1c}
 .job-note {color: #b45309}
 #test-model-banner {background: #fef3c7; border-radius: 6px; padding: 4px 12px}
+#demo-banner {background: #e0f2fe; border-radius: 6px; padding: 4px 12px}
 """
 
 
@@ -775,23 +974,27 @@ def warn(error: Exception) -> str:
 
 def build_concepts_tab(studio: Studio, library_views: list) -> dict:
     """Training form, progress, previews, cancel; the library gallery and its actions."""
+    recipe = {"steps": 0, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4,  # Mix-of-Show's; the demo: the toy recipe
+              **(studio.demo.training if studio.demo else {})}
     with gr.Row():
         with gr.Column(scale=3):
             photos = gr.File(label="Photos of one pet (drop 3 or more)", file_count="multiple", file_types=["image"], elem_id="train-photos")
+            photo_thumbs = gr.Gallery(label="The photos", columns=8, height=120, object_fit="cover", visible=False,
+                                      elem_id="train-photo-thumbs")
             with gr.Row():
                 name = gr.Textbox(label="Name (prompts use it as <name>)", placeholder="mochi", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
             auto_mask = gr.Checkbox(label="Find the pet in each photo automatically (detector masks for the loss)")
             with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
                 with gr.Row():
-                    steps = gr.Number(label="Steps (0: 500 per photo / batch size)", value=0, precision=0, minimum=0, elem_id="train-steps")
+                    steps = gr.Number(label="Steps (0: 500 per photo / batch size)", value=recipe["steps"], precision=0, minimum=0, elem_id="train-steps")
                     batch_size = gr.Number(label="Batch size", value=2, precision=0, minimum=1)
                     rank = gr.Number(label="LoRA rank", value=4, precision=0, minimum=1)
                     resolution = gr.Number(label="Resolution (0: the base's own)", value=0, precision=0, minimum=0)
                 with gr.Row():
-                    lr_embedding = gr.Number(label="Learning rate, embeddings", value=1e-3)
-                    lr_text_lora = gr.Number(label="Learning rate, text-encoder LoRA", value=1e-5)
-                    lr_unet_lora = gr.Number(label="Learning rate, UNet LoRA", value=1e-4)
+                    lr_embedding = gr.Number(label="Learning rate, embeddings", value=recipe["lr_embedding"], elem_id="train-lr-embedding")
+                    lr_text_lora = gr.Number(label="Learning rate, text-encoder LoRA", value=recipe["lr_text_lora"])
+                    lr_unet_lora = gr.Number(label="Learning rate, UNet LoRA", value=recipe["lr_unet_lora"])
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     preview_every = gr.Number(label="Preview every N steps (0: about five per run)", value=0, precision=0, minimum=0)
@@ -802,9 +1005,13 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
                     multi_subject_probability = gr.Number(label="Chance of a two-animal composite", value=0.0, minimum=0, maximum=1)
                     prior_probability = gr.Number(label="Chance of a two-animal prior scene", value=0.0, minimum=0, maximum=1)
                     companions = gr.Textbox(label="Companion animals (comma-separated)", value="dog, cat")
+            train_estimate = gr.Markdown(elem_id="train-estimate")
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel training", elem_id="cancel-button")
+            if studio.demo is not None:  # the stock pets' photos, to train a pet of the toy world in minutes
+                gr.Examples(studio.demo.examples, [photos, name, class_word], label="Stock pets' photos (click one to fill the form)",
+                            elem_id="demo-examples", example_labels=[f"{n} ({c})" for _, n, c in studio.demo.examples])
         with gr.Column(scale=2):
             progress = gr.HTML(progress_html(studio.jobs.latest("train"), "No training yet."), elem_id="train-progress")
             previews = gr.Gallery(label="Previews as training goes", columns=5, height=180, elem_id="train-previews")
@@ -821,8 +1028,8 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
         delete_button = gr.Button("Delete", variant="stop")
         export_button = gr.Button("Export .safetensors")
         import_button = gr.UploadButton("Import .safetensors", file_types=[".safetensors"])
+    library_status = gr.HTML(elem_id="library-status")  # beside the buttons that change the library, names escaped
     export_file = gr.File(label="Exported concept", visible=True, interactive=False)
-    library_status = gr.Markdown(elem_id="library-status")
 
     form = {photos, name, class_word, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
             lr_unet_lora, seed, preview_every, overwrite, resume, attn_reg_weight, multi_subject_probability,
@@ -846,16 +1053,22 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
         state = studio.cancel_training()
         return progress_html(state, "No training to cancel.")
 
+    def on_train_estimate(files, n_steps, batch):
+        return training_estimate(studio, len(files or []), int(n_steps or 0), max(int(batch or 1), 1))
+
+    for control in (photos, steps, batch_size):
+        control.change(on_train_estimate, [photos, steps, batch_size], train_estimate, show_progress="hidden")
+    photos.change(lambda files: gr.update(value=list(files or []), visible=bool(files)), photos, photo_thumbs, show_progress="hidden")
+
     def library_action(action, *args) -> str:
         try:
-            return action(*args)
+            return done_html(action(*args))
         except UserError as error:
-            gr.Warning(str(error))
-            return f"⚠ {error}"
+            return warn(error)
 
     def on_export(concept: str):
         try:
-            return studio.export(concept), f"exported <{concept}>"
+            return studio.export(concept), done_html(f"exported <{concept}>")
         except UserError as error:
             return None, warn(error)
 
@@ -876,7 +1089,9 @@ def build_compose_tab(studio: Studio) -> dict:
     with gr.Row():
         names = gr.CheckboxGroup(label="Concepts", choices=usable_names(studio.library), elem_id="compose-concepts")
         method = gr.Radio(label="Method", choices=[("gradient fusion", "gradient"), ("weight averaging", "weight")], value="gradient")
-    fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
+    with gr.Row():
+        fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
+        cancel_fuse_button = gr.Button("Cancel", elem_id="cancel-fuse-button")
     status = gr.HTML(elem_id="fuse-status")
     records = studio.fused_models()
     fused_table = gr.Dataframe(value=fused_rows(records), headers=["concepts", "method", "created", "folder"],
@@ -907,6 +1122,8 @@ def build_compose_tab(studio: Studio) -> dict:
         return report_rows(shown), report_flags(shown)
 
     fuse_button.click(on_fuse, [names, method], [status, fused_table, report, flags], concurrency_limit=None)
+    cancel_fuse_button.click(lambda: progress_html(studio.cancel_latest("fuse"), "No fusion to cancel."), outputs=status,
+                             concurrency_limit=None)
     fused_table.select(on_select, None, [report, flags])
     return {"names": names, "fused_table": fused_table}
 
@@ -915,18 +1132,19 @@ def build_generate_tab(studio: Studio) -> dict:
     """Mode, prompts, canvas with labelled boxes, box table, settings; results, stages and history."""
     size = studio.default_size
     tokens = [f"<{n}>" for n in usable_names(studio.library)]
-    defaults = GenerationRequest(mode=REGIONAL, prompt="")
+    defaults = GenerationRequest(**{"mode": REGIONAL, "prompt": "", **(studio.demo.sampling if studio.demo else {})})
     with gr.Row():
         with gr.Column(scale=3):
             mode = gr.Radio(label="Method", choices=[REGIONAL, ISOLATED], value=REGIONAL, elem_id="generate-mode")
-            prompt = gr.Textbox(label="Prompt (the whole picture)", placeholder="a dog and a cat in a hot spring", elem_id="generate-prompt")
-            negative = gr.Textbox(label="Negative prompt (Mix-of-Show's standard one by default)", value=DEFAULT_NEGATIVE_PROMPT,
+            prompt = gr.Textbox(label="Prompt (the whole picture)", placeholder="a dog and a cat in a hot spring", value=defaults.prompt, elem_id="generate-prompt")
+            negative = gr.Textbox(label="Negative prompt (Mix-of-Show's standard one by default)", value=defaults.negative_prompt,
                                   placeholder="blurry, low quality")
             with gr.Row():
-                width = gr.Slider(label="Width", minimum=32, maximum=1024, step=8, value=size)
-                height = gr.Slider(label="Height", minimum=32, maximum=1024, step=8, value=size)
-            gr.Markdown("Draw a box for each pet (drag on the canvas), then pick its concept in the dialog; press E on a"
-                        " selected box to change its label, Delete to remove it. Regional: each box gets its own prompt."
+                width = gr.Slider(label="Width", minimum=32, maximum=1024, step=8, value=size, elem_id="generate-width")
+                height = gr.Slider(label="Height", minimum=32, maximum=1024, step=8, value=size, elem_id="generate-height")
+            gr.Markdown("Draw a box for each pet (drag on the canvas), then pick its concept in the dialog. To change a"
+                        " box, switch to the hand tool (below the canvas), click the box, then press E to relabel it or"
+                        " Delete to remove it; the table below edits its prompts. Regional: each box gets its own prompt."
                         " Isolated: a layout is sampled from the prompt, the detector's finds are matched to the boxes by"
                         " position, and each box's subject is re-drawn in it with its own prompt (a box the detector missed"
                         " gets its subject added there).")
@@ -940,8 +1158,8 @@ def build_generate_tab(studio: Studio) -> dict:
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="generate-seed")
                 random_seed = gr.Checkbox(label="Random seed", value=True)
             with gr.Row():
-                steps = gr.Slider(label="Steps", minimum=2, maximum=100, step=1, value=30, elem_id="generate-steps")
-                guidance = gr.Slider(label="Guidance", minimum=1.0, maximum=15.0, step=0.5, value=7.5)
+                steps = gr.Slider(label="Steps", minimum=2, maximum=100, step=1, value=defaults.steps, elem_id="generate-steps")
+                guidance = gr.Slider(label="Guidance", minimum=1.0, maximum=15.0, step=0.5, value=defaults.guidance)
                 num_images = gr.Slider(label="Images", minimum=1, maximum=8, step=1, value=1)
             fused = gr.Dropdown(label="Fused model", choices=fused_choices(studio.fused_models()), value="")
             with gr.Accordion("Isolated settings", open=False):
@@ -983,7 +1201,10 @@ def build_generate_tab(studio: Studio) -> dict:
                         label="Added-subject bootstrap (share of steps)", minimum=0, maximum=1, step=0.05,
                         value=defaults.added_bootstrap, elem_id="added-bootstrap",
                         info="a subject the layout missed is first drawn alone in its box on a plain background")
-            generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            estimate = gr.Markdown(generation_estimate(studio, REGIONAL, size, size, 30, 1), elem_id="generate-estimate")
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                cancel_button = gr.Button("Cancel", elem_id="cancel-generate-button")
             status = gr.HTML(elem_id="generate-status")
             results = gr.Gallery(label="Images (click one, then 'Reuse settings')", columns=2, height=360,
                                  buttons=["download", "fullscreen"], elem_id="results")
@@ -991,9 +1212,10 @@ def build_generate_tab(studio: Studio) -> dict:
                                 height=200, elem_id="stages")
             box_report = gr.Markdown(elem_id="box-report")
             reuse_button = gr.Button("Reuse settings of the selected image", elem_id="reuse-button")
-    history = gr.Gallery(value=studio.history(), label="History (saved in the outputs folder)", columns=8, height=240, fit_columns=False,
-                         buttons=["download"], elem_id="history")
+    history = gr.Gallery(value=history_items(studio.history()), label="History (saved in the outputs folder)", columns=8, height=240,
+                         fit_columns=False, buttons=["download"], elem_id="history")
     selected_image = gr.State(None)
+    canvas_size = gr.State((size, size))  # the (width, height) the canvas and the table's boxes are drawn at
     result_paths = gr.State([])
     history_paths = gr.State(studio.history())
     form = {mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images, table, fused,
@@ -1003,9 +1225,13 @@ def build_generate_tab(studio: Studio) -> dict:
     def on_canvas(value, w, h, current):
         return rows_to_table(rows_from_annotator(value, int(w), int(h), rows_from_table(current), studio.library))
 
-    def on_size(w, h, current):
-        rows = [replace(r, box=(min(r.box[0], w), min(r.box[1], h), min(r.box[2], w), min(r.box[3], h))) for r in rows_from_table(current)]
-        return annotator_value(int(w), int(h), rows)
+    def on_size(w, h, current, drawn_size):
+        """A new width or height (dragged or typed): the canvas is redrawn at it, the boxes scaled with it."""
+        new = (int(w), int(h))
+        if tuple(drawn_size) == new:
+            return gr.skip(), gr.skip(), gr.skip()  # e.g. "reuse settings" set size, canvas and boxes together
+        rows = scale_rows(rows_from_table(current), tuple(drawn_size), new)
+        return annotator_value(*new, rows), rows_to_table(rows), new
 
     def on_generate(values: dict):
         try:
@@ -1035,7 +1261,7 @@ def build_generate_tab(studio: Studio) -> dict:
             gr.Warning(output.message)
         paths = studio.history()
         yield {results: output.images, result_paths: output.images, stages: output.stages,
-               box_report: "\n".join(f"- {line}" for line in output.boxes), history: paths, history_paths: paths}
+               box_report: "\n".join(f"- {line}" for line in output.boxes), history: history_items(paths), history_paths: paths}
 
     def on_mode(chosen: str):
         return gr.update(visible=chosen != ISOLATED), gr.update(visible=chosen == ISOLATED)
@@ -1059,11 +1285,22 @@ def build_generate_tab(studio: Studio) -> dict:
                 bounded_guidance: request.bounded_guidance, layout_self_attention: request.layout_self_attention,
                 layout_cross_attention: request.layout_cross_attention, layout_retries: request.layout_retries, added_bootstrap: request.added_bootstrap,
                 canvas: annotator_value(request.width, request.height, rows), table: rows_to_table(rows),
+                canvas_size: (request.width, request.height),
                 status: f"<div>Settings of {html.escape(Path(path).name)} loaded.</div>"}
 
+    def on_estimate(chosen_mode, w, h, n_steps, n_images):
+        return generation_estimate(studio, chosen_mode, int(w), int(h), int(n_steps), int(n_images))
+
+    def on_cancel():
+        state = studio.cancel_latest("generate")
+        return progress_html(state, "No generation to cancel.")
+
+    for control in (mode, width, height, steps, num_images):
+        control.change(on_estimate, [mode, width, height, steps, num_images], estimate, show_progress="hidden")
+    cancel_button.click(on_cancel, outputs=status, concurrency_limit=None)
     canvas.change(on_canvas, [canvas, width, height, table], table)
-    width.release(on_size, [width, height, table], canvas)
-    height.release(on_size, [width, height, table], canvas)
+    width.change(on_size, [width, height, table, canvas_size], [canvas, table, canvas_size])
+    height.change(on_size, [width, height, table, canvas_size], [canvas, table, canvas_size])
     mode.change(on_mode, mode, [regional_layout, isolated_layout])
     generate_button.click(on_generate, inputs=form,
                           outputs=[status, seed, results, result_paths, stages, box_report, history, history_paths],
@@ -1074,22 +1311,57 @@ def build_generate_tab(studio: Studio) -> dict:
                                                   fused, t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap,
                                                   bounded_guidance, layout_self_attention, layout_cross_attention,
                                                   layout_retries, added_bootstrap,
-                                                  canvas, table, status])
-    return {"canvas": canvas, "fused": fused}
+                                                  canvas, table, canvas_size, status])
+    return {"canvas": canvas, "fused": fused, "history": history, "history_paths": history_paths}
+
+
+def demo_studio(root: Path | None = None, library_dir: str | None = None, outputs_dir: str | None = None,
+                safety_checker: bool = False) -> Studio:
+    """The studio on the toy world (`python app.py --demo`, pipelines/demo.py): its model, the stock
+    pets in a demo library, and the oracle as detector (it finds masks itself, so no segmenter).
+    The safety checker is off unless asked: the toy model draws simple animals at 64 px."""
+    from pipelines.demo import prepare_demo
+
+    world = prepare_demo(root, library_dir, outputs_dir)
+    return Studio(world.base, world.library, world.outputs, safety_checker, world.detector, world.detector, demo=world)
+
+
+def quiet_component_file_log() -> None:
+    """Keep gradio's request log of custom-component files out of the server log.
+
+    gradio's route for a custom component's files (the canvas, gradio_image_annotation, is one)
+    `print`s "id=..., environment=client, type=component, file_name=..." for every file a page
+    loads: dozens of lines per visit. A `print` in gradio.routes' own namespace shadows the builtin
+    there and drops just those lines.
+    """
+    import builtins
+
+    import gradio.routes
+
+    def print_except_component_files(*args, **kwargs):
+        if args and isinstance(args[0], str) and args[0].startswith("id=") and ", environment=" in args[0]:
+            return
+        builtins.print(*args, **kwargs)
+
+    gradio.routes.print = print_except_component_files
 
 
 def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, studio: Studio | None = None,
               safety_checker: bool | None = None) -> gr.Blocks:
     studio = studio or Studio(base_name, library_dir, outputs_dir or Path(library_dir).parent / "outputs", safety_checker)
+    quiet_component_file_log()
 
     with gr.Blocks(title="Menagerie") as demo:
         gr.Markdown("# Menagerie\nYour own pets, together in one picture: train each pet as a concept, then compose them.")
         if studio.is_test_model:
             gr.Markdown(f"**Test model in use (`--base tiny`): a tiny random network. Every image it makes is noise"
                         f" ({TEST_MODEL_NOTE}); it exists so every flow runs offline.**", elem_id="test-model-banner")
+        if studio.demo is not None:
+            gr.Markdown(studio.demo.banner(), elem_id="demo-banner")
         status = gr.Markdown(studio.status_markdown(), elem_id="status")
         queue = gr.Markdown(queue_markdown(studio.jobs.jobs()), elem_id="queue")
-        library_gallery = gr.Gallery(label="Concepts", columns=6, height="auto", render=False, elem_id="library-gallery")
+        library_gallery = gr.Gallery(label="Concepts", columns=6, height=220, object_fit="contain", render=False,
+                                     elem_id="library-gallery")  # a fixed height: one concept must not fill the page
         library_table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created", "problem"], label="Concept details",
                                      interactive=False, render=False, elem_id="library-table")
         with gr.Tab("Concepts"):
@@ -1129,27 +1401,35 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
         poll_outputs = [status, queue, concepts["progress"], concepts["previews"], previews_seen, library_gallery, library_table,
                         concepts["selected"], compose["names"], compose["fused_table"], generation["fused"], generation["canvas"], library_seen]
         timer.tick(poll, [library_seen, previews_seen], poll_outputs, concurrency_limit=None, show_progress="hidden")
+
+        def on_page_load():  # a reloaded page shows what was made since the server started, not the start's list
+            paths = studio.history()
+            return history_items(paths), paths
+
+        demo.load(on_page_load, None, [generation["history"], generation["history_paths"]])
         demo.load(poll, [library_seen, previews_seen], poll_outputs, concurrency_limit=None)
     demo.studio = studio  # tests and main() reach the studio through the page
     return demo
 
 
 def main() -> None:
+    from pipelines.demo import default_root, demo_by_default
+
     storage = persistent_dir()
-    parser = argparse.ArgumentParser(description="Menagerie studio")
-    parser.add_argument("--base", default=os.environ.get("MENAGERIE_BASE", DEFAULT_BASE), help="Hub id, diffusers folder, checkpoint file or 'tiny'")
-    parser.add_argument("--concepts-dir", default=str(storage / "concepts") if storage else default_library(), help="concept library folder")
-    parser.add_argument("--outputs-dir", default=str(storage / "outputs") if storage else "outputs", help="where generated images are saved")
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--share", action="store_true")
-    parser.add_argument("--safety-checker", choices=["on", "off"], default=None,
-                        help="screen every generated image with Stable Diffusion's safety checker (flagged ones turn black);"
-                             " default: on when running on Hugging Face Spaces, off elsewhere")
+    parser = build_parser()
     args = parser.parse_args()
-    demo = build_app(args.base, args.concepts_dir, args.outputs_dir, safety_checker=safety_enabled(args.safety_checker))
+    if args.demo or demo_by_default(args.base != DEFAULT_BASE):
+        if args.base != parser.get_default("base"):
+            parser.error("--demo runs on the toy model (assets/toyworld/model); leave out --base")
+        chosen = {key: getattr(args, key) for key in ("concepts_dir", "outputs_dir") if getattr(args, key) != parser.get_default(key)}
+        studio = demo_studio(default_root(storage), chosen.get("concepts_dir"), chosen.get("outputs_dir"), args.safety_checker == "on")
+    else:
+        studio = Studio(args.base, args.concepts_dir, args.outputs_dir, safety_enabled(args.safety_checker), args.detector, args.segmenter)
+    demo = build_app(args.base, args.concepts_dir, args.outputs_dir, studio=studio)
     studio = demo.studio
     demo.queue(default_concurrency_limit=1).launch(
-        server_port=args.port, share=args.share, css=CSS, allowed_paths=[str(studio.library.root), str(studio.outputs)])
+        server_port=args.port, share=args.share, css=CSS,
+        allowed_paths=[str(studio.library.root), str(studio.outputs), *(studio.demo.served_paths() if studio.demo else [])])
 
 
 if __name__ == "__main__":

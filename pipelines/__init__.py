@@ -6,3 +6,8 @@ disk), `train` (ED-LoRA training), `sample` (text-to-image sampling), `__main__`
 """
 
 __version__ = "0.1.0"
+
+# The default models, here where `python app.py --help` can read them without importing torch
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pipelines.base
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"  # pipelines.detect: Grounding DINO
+DEFAULT_SEGMENTER = "facebook/sam-vit-base"  # pipelines.detect: SAM

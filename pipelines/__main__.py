@@ -70,7 +70,7 @@ def load_configured_base(args):
 def cmd_train(args) -> None:
     from tqdm import tqdm
 
-    from .concept import ConceptLibrary, check_name
+    from .concept import ConceptLibrary, check_name, normalise_name
     from .errors import UserError
     from .performance import world
     from .train import (
@@ -79,6 +79,9 @@ def cmd_train(args) -> None:
 
     # 1. Check everything that needs no model
     library = ConceptLibrary(args.library)
+    args.name, note = normalise_name(args.name)  # "Buddy" trains <buddy>, with a note
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     check_name(args.name)
     if args.name in library.names() and not args.overwrite:
         raise UserError(f"concept {args.name!r} already exists in {library.root}; pass --overwrite or choose another --name")
@@ -232,12 +235,17 @@ def cmd_concepts(args) -> None:
         print(f"exported <{args.name}> to {out}")
     elif args.action == "import":
         base = None
-        if args.base:
-            from .base import load_base
+        if args.base:  # its architecture from its configs (no weights); loaded only when they cannot be read
+            from .base import architecture_of, load_base
 
-            base = load_base(args.base, device=args.device or "cpu")
+            base = architecture_of(args.base) or load_base(args.base, device=args.device or "cpu")
         concept = library.import_file(args.file, name=args.name, base=base, overwrite=args.overwrite)
         print(f"imported <{concept.name}> ({concept.class_word}) into {library.root}")
+        others = {c.fingerprint: c.base_model for c in library.list() if c.name != concept.name}
+        if base is None and others and concept.fingerprint not in others:
+            print(f"note: <{concept.name}> was trained on {concept.base_model}, an architecture none of the library's other"
+                  f" concepts has (they were trained on {', '.join(sorted(set(others.values())))}); generate it with"
+                  f" --base {concept.base_model} (import --base BASE refuses files that do not fit BASE)", file=sys.stderr)
 
 
 def negative_prompt_of(args) -> str:

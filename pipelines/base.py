@@ -29,7 +29,7 @@ from .performance import Performance
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from . import DEFAULT_BASE  # defined in pipelines/__init__.py, which `app.py --help` reads without torch
 TINY = "tiny"
 TEST_MODEL_MARKER = "menagerie_test_model.json"
 # OpenAI CLIP's byte-pair merges (MIT licence), as shipped with CLIP and open_clip. The real
@@ -274,6 +274,71 @@ def architecture_fingerprint(unet: torch.nn.Module, text_encoder: torch.nn.Modul
     return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A base model known by its name and architecture fingerprint only (`architecture_of`)."""
+
+    name: str
+    fingerprint: str
+
+
+def architecture_of(name: str) -> Architecture | None:
+    """The architecture fingerprint of base `name`, read from its UNet and text-encoder configs
+    without loading weights (the models are built on the meta device: under a second at SD1.5 size).
+
+    It equals `load_base(name).fingerprint`. A single checkpoint file has SD1.5's (it loads into
+    that architecture or not at all). None when the configs cannot be read here: a Hub id not in
+    the local cache, a missing path, the tiny model not built yet.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = tiny_model_dir() if name == TINY else Path(os.path.expanduser(name))
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        path = SD15_CONFIG_DIR
+    if path.is_dir():
+        files = [path / part / "config.json" for part in ("unet", "text_encoder")]
+    elif _is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        files = [try_to_load_from_cache(name, f"{part}/config.json") for part in ("unet", "text_encoder")]
+        if not all(isinstance(f, str) for f in files):
+            return None
+    else:
+        return None
+    try:
+        unet_config, text_config = (json.loads(Path(f).read_text()) for f in files)
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(unet_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return Architecture(name, architecture_fingerprint(unet, text_encoder))
+
+
+def native_resolution_of(name: str) -> int:
+    """The image side base `name` was trained at, read from its configs without loading weights
+    (64 for the tiny model, 512 for SD1.5 and its single files; 512 when nothing can be read)."""
+    folder = ensure_tiny_model() if name == TINY else Path(os.path.expanduser(name))  # tiny: built once, in seconds
+    try:
+        if folder.is_dir():
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+        elif _is_hub_id(name):
+            from huggingface_hub import try_to_load_from_cache
+
+            unet_file, vae_file = (try_to_load_from_cache(name, f"{part}/config.json") for part in ("unet", "vae"))
+            if not (isinstance(unet_file, str) and isinstance(vae_file, str)):
+                return 512
+            unet, vae = json.loads(Path(unet_file).read_text()), json.loads(Path(vae_file).read_text())
+        else:
+            return 512  # a single SD1.5 checkpoint file
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
 def _is_hub_id(name: str) -> bool:
     """True for an "org/model" Hub id; anything else is taken as a local path."""
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not name.endswith((".safetensors", ".ckpt"))
@@ -426,9 +491,10 @@ def load_base(name: str = DEFAULT_BASE, device: str | torch.device | None = None
     elif not _is_hub_id(name):
         raise UserError(f"--base {name!r} does not exist; give a Hub id, a diffusers folder or a .safetensors/.ckpt file")
     else:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(name, local_files_only=offline, **common, **per_part)
+        from .hub import offline
+
+        try:  # offline (set, or the Hub does not answer): the cache only, failing at once instead of retrying for minutes
+            pipe = StableDiffusionPipeline.from_pretrained(name, local_files_only=offline(), **common, **per_part)
         except (OSError, ValueError) as error:
             logger.debug("loading %s failed: %s", name, error)
             raise UserError(_offline_help(name)) from None

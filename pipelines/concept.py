@@ -52,6 +52,23 @@ def check_name(name: str, what: str = "concept name") -> str:
     return name
 
 
+def normalise_name(name: str) -> tuple[str, str]:
+    """A concept name as typed, made what the library stores: stripped, lower-case, without the
+    <...> that prompts put around it ("Buddy" -> "buddy"). Returns (name, a note saying so, or "");
+    `check_name` still refuses what stays invalid ("my dog", "../x").
+    """
+    typed = name if isinstance(name, str) else ""
+    cleaned = typed.strip()
+    if cleaned.startswith("<") and cleaned.endswith(">"):
+        cleaned = cleaned[1:-1].strip()
+    cleaned = cleaned.lower()
+    if not NAME_RULE.fullmatch(cleaned):
+        return name, ""
+    if cleaned == typed.strip():
+        return cleaned, ""
+    return cleaned, f"concept name {typed.strip()!r} is stored as {cleaned!r} (names are lowercase); prompts name it <{cleaned}>"
+
+
 def check_class_word(word: str) -> str:
     if not isinstance(word, str) or not re.fullmatch(r"[a-z]+", word.strip().lower()):
         raise UserError(f"class word {word!r} is not valid: use one plain word such as dog or cat")
@@ -332,7 +349,12 @@ class ConceptLibrary:
         return out_file
 
     def import_file(self, file: str | os.PathLike, name: str | None = None, base=None, overwrite: bool = False) -> Concept:
-        """Import an exported concept; with `base`, refuse it unless it fits that base's architecture."""
+        """Import an exported concept; with `base`, refuse it unless it was trained on that base's architecture.
+
+        `base` is a loaded `BaseModel` (its fingerprint and every tensor's shape are checked) or a
+        `base.Architecture` read from a base's configs (`base.architecture_of`: the fingerprint only,
+        no weights loaded).
+        """
         file = Path(file).expanduser()
         if not file.is_file():
             raise UserError(f"import file {str(file)!r} does not exist")
@@ -355,7 +377,7 @@ class ConceptLibrary:
                 f" into a library used with that base model instead"
             )
         preview = tensors.pop("preview", None)
-        check_concept_tensors(tensors, base)
+        check_concept_tensors(tensors, base if hasattr(base, "unet") else None)
         concept.name = check_name(name or concept.name)
         image = Image.fromarray(preview.numpy()) if preview is not None else None
         self.save(concept, tensors, image, overwrite=overwrite)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from . import hub
 from .base import resolve_device
 from .errors import UserError
 
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
-DEFAULT_SEGMENTER = "facebook/sam-vit-base"
+from . import DEFAULT_DETECTOR, DEFAULT_SEGMENTER  # defined in pipelines/__init__.py, read by `app.py --help`
 TINY = "tiny"
 BOX_THRESHOLD = 0.35
 TEXT_THRESHOLD = 0.25
@@ -220,11 +220,11 @@ def load_model(kind: str, name: str, device: torch.device):
         if not (folder / "config.json").exists():
             (build_tiny_detector if kind == "detector" else build_tiny_segmenter)(folder)
         source = str(folder)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    local_only = Path(source).is_dir() or hub.offline()  # unreachable Hub: fail at once, not after minutes of retries
     model_class, processor_class = (AutoModelForZeroShotObjectDetection, AutoProcessor) if kind == "detector" else (SamModel, SamProcessor)
     try:
-        processor = processor_class.from_pretrained(source, local_files_only=offline or Path(source).is_dir())
-        model = model_class.from_pretrained(source, local_files_only=offline or Path(source).is_dir(), dtype=dtype)
+        processor = processor_class.from_pretrained(source, local_files_only=local_only)
+        model = model_class.from_pretrained(source, local_files_only=local_only, dtype=dtype)
     except (OSError, ValueError) as error:
         flag = "--detector" if kind == "detector" else "--segmenter"
         raise UserError(
@@ -235,6 +235,18 @@ def load_model(kind: str, name: str, device: torch.device):
     model = model.eval()
     _MODELS[key] = (processor, model)
     return processor, model
+
+
+def model_problem(kind: str, name: str) -> str | None:
+    """Why the detector ("detector") or segmenter ("segmenter") `name` cannot be loaded here, said
+    before anyone asks for it; None when it can (tiny, a local folder, cached, or the Hub answers)."""
+    if name == TINY or Path(os.path.expanduser(name)).is_dir():
+        return None
+    if hub.cached(name, "config.json") or not hub.offline():
+        return None
+    flag = "--detector" if kind == "detector" else "--segmenter"
+    return (f"{flag} {name!r} is not in the local Hugging Face cache and the Hub cannot be reached. Download it once"
+            f" (`hf download {name}`), or start with {flag} PATH (a local folder) or {flag} tiny (random, for tests)")
 
 
 @contextmanager
@@ -325,9 +337,14 @@ def detect(
     return detections
 
 
-def subject_mask(image: Image.Image, label: str, **kwargs) -> Image.Image | None:
-    """The mask of the best `label` detection as an L image (white = subject), or None if none found."""
-    found = [d for d in detect(image, [label], **kwargs) if d.mask is not None]
+def subject_mask(image: Image.Image, label: str, detector=DEFAULT_DETECTOR, **kwargs) -> Image.Image | None:
+    """The mask of the best `label` detection as an L image (white = subject), or None if none found.
+
+    `detector` is a Grounding DINO name, used through `detect` with `kwargs`, or a callable
+    `(image, labels) -> [Detection]` best first, as `isolated.isolate` takes (the demo's oracle).
+    """
+    found = detector(image, [label]) if callable(detector) else detect(image, [label], detector=detector, **kwargs)
+    found = [d for d in found if d.mask is not None]
     if not found:
         return None
     return Image.fromarray(found[0].mask.astype(np.uint8) * 255)

@@ -292,9 +292,14 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 def cache_key(base: BaseModel, library, names: list[str], config: FusionConfig) -> str:
-    """Hash of the base (name + architecture), every concept's weight file, and the fusion settings."""
+    """Hash of the base (name + architecture), every concept's weight file, and the fusion settings.
+
+    The concepts' order does not count (they are hashed sorted, as `fuse_concepts` fuses them), so
+    <a> + <b> and <b> + <a> are one cached model. An unknown or damaged concept raises its UserError.
+    """
     digest = hashlib.sha256(f"{base.name}|{base.fingerprint}|{json.dumps(asdict(config), sort_keys=True)}".encode())
-    for name in names:
+    for name in sorted(names):
+        library.get(name)  # unknown: "unknown concept ... (known: ...)", not a missing file
         digest.update(name.encode())
         with open(library.path(name) / "concept.safetensors", "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -360,6 +365,8 @@ def fuse_concepts(
 ) -> FusedModel:
     """Fuse concepts `names` of `library` into one model; cached under <library>/.fused/<hash>/.
 
+    The order of `names` does not matter: they are fused, recorded and reported in sorted order.
+
     Afterwards `base` *is* the fused model (weights written in place, all concept tokens loaded,
     adapters off). `callback(stage, done, total)` reports progress; `cancel` stops between passes.
     Raises UserError for unknown concepts, concepts of another architecture, or a bad method.
@@ -376,6 +383,9 @@ def fuse_concepts(
         raise UserError("no concepts selected; name at least one concept to fuse, e.g. --concepts mochi,tama")
     if len(set(names)) != len(names):
         raise UserError(f"a concept is named twice in {', '.join(names)}")
+    # Fused in sorted order: the solve sums over concepts, but each concept's spatial sample is seeded
+    # by its place (seed + index), so only a fixed order makes [a, b] and [b, a] one fused model.
+    names = sorted(names)
     records = [library.get(name) for name in names]
     fingerprints = {r.fingerprint for r in records}
     if len(fingerprints) > 1:

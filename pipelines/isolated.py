@@ -214,9 +214,19 @@ def layout_step_index(timesteps: torch.Tensor, t_lay: float, num_train_timesteps
 
 
 def word_in_prompt(word: str, prompt: str) -> bool:
+    """True when `prompt` mentions `word` as whole words, its last word in any simple English form
+    ("cat" is in "two cats on a sofa", "teddy bear" in "two teddy bears"; `layout.noun_forms`);
+    a concept's `<name>` is not a mention."""
     import re
 
-    return re.search(rf"(?<![\w<]){re.escape(word.lower())}(?![\w>])", prompt.lower()) is not None
+    from .layout import noun_forms
+
+    words = word.lower().split()
+    if not words:
+        return False
+    head = "".join(re.escape(w) + r"\s+" for w in words[:-1])
+    last = "|".join(re.escape(form) for form in sorted(noun_forms(words[-1]), key=len, reverse=True))
+    return re.search(rf"(?<![\w<]){head}(?:{last})(?![\w>])", prompt.lower()) is not None
 
 
 def parse_subject(text: str) -> Subject:

@@ -192,27 +192,89 @@ def cross_attention_biases(boxes: list[Box], subject_words: list[list[int]], len
     return out
 
 
+# Plurals that no suffix rule makes; `noun_forms` adds the regular ones.
+IRREGULAR_PLURALS = {"mouse": "mice", "goose": "geese", "ox": "oxen", "louse": "lice", "child": "children", "person": "people",
+                     "man": "men", "woman": "women", "foot": "feet", "tooth": "teeth", "sheep": "sheep", "deer": "deer",
+                     "fish": "fish", "moose": "moose", "bison": "bison"}
+
+
+def noun_forms(word: str) -> set[str]:
+    """`word` lower-cased with its simple English singular and plural forms, so a label and the
+    prompt's mention of it match: cat/cats, puppy/puppies, fox/foxes, wolf/wolves, mouse/mice.
+
+    A plural label gives its singular too ("cats" finds "a cat"). The rules over-generate a little
+    (a singular is guessed by every rule that fits, "bus" -> "bu"), which is harmless: the forms are
+    only compared with the prompt's words.
+    """
+    word = word.lower()
+    singulars = {word} | {s for s, plural in IRREGULAR_PLURALS.items() if plural == word}
+    if word.endswith("ies") and len(word) > 4:
+        singulars.add(word[:-3] + "y")
+    if word.endswith("ves") and len(word) > 4:
+        singulars |= {word[:-3] + "f", word[:-3] + "fe"}
+    if word.endswith(("ses", "xes", "zes", "ches", "shes", "oes")):
+        singulars.add(word[:-2])
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 2:
+        singulars.add(word[:-1])
+    forms = set(singulars)
+    for singular in singulars:
+        forms.add(IRREGULAR_PLURALS.get(singular, singular))
+        if singular.endswith(("s", "x", "z", "ch", "sh", "o")):
+            forms.add(singular + "es")
+        if singular.endswith("y") and len(singular) > 1 and singular[-2] not in "aeiou":
+            forms.add(singular[:-1] + "ies")
+        elif singular.endswith("fe"):
+            forms.add(singular[:-2] + "ves")
+        elif singular.endswith("f"):
+            forms.add(singular[:-1] + "ves")
+        if not singular.endswith(("s", "x", "z", "ch", "sh")):
+            forms.add(singular + "s")
+    return forms
+
+
+def prompt_words(tokenizer, text: str, special: bool = True) -> list[tuple[str, list[int]]]:
+    """The words of `text` as CLIP tokenizes it: (word, its token positions). A word ends at a token
+    marked '</w>' ("dachshunds" is dach + shun + ds</w>); a special or added token (start or end of
+    text, a concept's token) is a word of its own."""
+    ids = tokenizer(text, add_special_tokens=special, truncation=True).input_ids
+    alone = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    words, pieces, positions = [], [], []
+    for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        if token in alone and pieces:
+            words.append(("".join(pieces), positions))
+            pieces, positions = [], []
+        pieces.append(token if token in alone else token.removesuffix("</w>"))
+        positions.append(position)
+        if token in alone or token.endswith("</w>"):
+            words.append(("".join(pieces), positions))
+            pieces, positions = [], []
+    if pieces:
+        words.append(("".join(pieces), positions))
+    return words
+
+
 def label_word_positions(tokenizer, prompt: str, labels: list[str]) -> list[list[int]]:
     """Token positions of each subject's label word in `prompt`, the k-th subject of a label taking
-    the k-th mention of it ("a dog and a dog": the first dog is box 0's). A label mentioned fewer
-    times than it has subjects ("two dogs") is shared by all of them (and then bounds nothing
-    between them); plurals count ("cats" for "cat")."""
-    def words_of(text: str, special: bool) -> list[str]:
-        ids = tokenizer(text, add_special_tokens=special, truncation=True).input_ids
-        return [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(ids)]
+    the k-th mention of it ("a dog and a dog": the first dog is box 0's).
 
-    words = words_of(prompt, True)
+    A mention is a word of the prompt in any of the label's simple forms (`noun_forms`: "cats",
+    "puppies", "foxes" for cat, puppy, fox), all its tokens; a label of several words is found by its
+    last word. A label mentioned fewer times than it has subjects ("two cats" for two cat boxes) is
+    shared by all of them: a plural names the group, not one member, so each of those boxes reads
+    every mention, and the bound then keeps only the other labels' words out of them."""
+    words = prompt_words(tokenizer, prompt)
     mentions = {}
     for label in set(labels):
-        last = words_of(label, False)[-1]  # a label of several tokens is found by its last one
-        mentions[label] = [i for i, word in enumerate(words) if word in (last, last + "s", last + "es")]
+        label_words = prompt_words(tokenizer, label, special=False)
+        forms = noun_forms(label_words[-1][0]) if label_words else set()
+        mentions[label] = [positions for word, positions in words if word in forms]
     seen: dict[str, int] = {}
     out = []
     for label in labels:
         k = seen.get(label, 0)
         seen[label] = k + 1
         found = mentions[label]
-        out.append([found[k]] if labels.count(label) <= len(found) else list(found))
+        out.append(list(found[k]) if labels.count(label) <= len(found) else [p for positions in found for p in positions])
     return out
 
 

@@ -78,7 +78,9 @@ def checker_sources(base_name: str) -> list[tuple[str, str]]:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from .hub import offline
+
+    return offline()
 
 
 def _hub_base_has_checker(repo: str) -> bool:

@@ -168,6 +168,119 @@ def test_base_problem_says_how_to_fix_a_missing_model(tmp_path, monkeypatch):
         studio.models.get()
 
 
+def test_offline_status_does_not_contradict_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    status = app.Studio("someone/not-cached-model", tmp_path / "lib", tmp_path / "out").status_markdown()
+    assert "cannot be loaded" in status and "not loaded yet" not in status
+    assert "not loaded yet" in app.Studio("tiny", tmp_path / "lib2", tmp_path / "out2").status_markdown()
+
+
+def test_an_unloadable_detector_is_said_up_front_and_refused_at_once(tmp_path, monkeypatch, photo):
+    """Offline and uncached, the detector used to retry the Hub for minutes under "loading the base
+    model" and then advise a flag the app did not have."""
+    import socket
+
+    from pipelines import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_probe", None)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out", detector="someone/not-cached-detector")
+    status = studio.status_markdown()
+    assert "detector** cannot be loaded" in status and "python app.py --detector" in status
+    rows = (app.BoxRow("dog", (0, 0, 32, 64), "a dog", find="dog"),)
+    with pytest.raises(UserError, match="needs the detector, which cannot be loaded"):
+        studio.submit_generation(app.GenerationRequest(mode=app.ISOLATED, prompt="a dog", rows=rows, width=64, height=64))
+    with pytest.raises(UserError, match="untick"):
+        studio.submit_training([photo], TrainConfig(name="mochi", class_word="dog"), auto_mask=True)
+    assert studio.jobs.jobs() == []  # nothing was queued
+    assert app.Studio("tiny", tmp_path / "lib", tmp_path / "out").detector_problem is None  # tiny detectors build offline
+
+
+def test_loaders_go_to_the_cache_only_when_the_hub_does_not_answer(monkeypatch):
+    import socket
+
+    from pipelines import detect, hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_probe", None)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    seen = []
+    from transformers import AutoProcessor
+
+    def spy(source, local_files_only=False, **kwargs):
+        seen.append(local_files_only)
+        raise OSError("not cached")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", spy)
+    with pytest.raises(UserError, match="cannot be downloaded here"):
+        detect.load_model("detector", "someone/not-cached-detector", torch.device("cpu"))
+    assert seen == [True]  # no minutes of retries: the cache only
+    assert hub.offline() and not hub.hub_reachable()
+
+
+def test_a_generation_can_be_cancelled_and_reports_its_eta(tmp_path):
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    assert studio.cancel_latest("generate") is None  # nothing to cancel
+    state = studio.submit_generation(app.GenerationRequest(mode=app.REGIONAL, prompt="a dog", width=64, height=64, steps=100))
+    while studio.jobs.snapshot(state.id).step < 2:  # sampling has started (and reports an ETA)
+        assert studio.jobs.snapshot(state.id).active, studio.jobs.snapshot(state.id).message
+        time.sleep(0.05)
+    assert studio.jobs.snapshot(state.id).eta_seconds is not None
+    studio.cancel_latest("generate")
+    finished = studio.jobs.wait(state.id, timeout=120)
+    assert finished.status == "cancelled" and finished.step < 100
+    assert list(studio.outputs.glob("*.png")) == []  # nothing half-made was saved
+
+
+def test_messages_keep_concept_names_and_history_has_captions(tmp_path):
+    assert "&lt;mochi&gt;" in app.done_html("renamed <mochi> to <kuro>") and "&lt;kuro&gt;" in app.done_html("renamed <mochi> to <kuro>")
+    from pipelines.sample import save_png
+
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", {"prompt": "a <mochi> dog", "method": "regional", "seed": 7})
+    (item,) = app.history_items([str(path)])
+    assert item == (str(path), "a <mochi> dog · regional · seed 7")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert app.history_items([str(tmp_path / "plain.png")]) == [(str(tmp_path / "plain.png"), "")]
+
+
+def test_resizing_scales_the_boxes_instead_of_clamping_them():
+    rows = [app.BoxRow("<mochi>", (0, 0, 256, 512), "a"), app.BoxRow("<tama>", (256, 128, 512, 512), "b")]
+    small = app.scale_rows(rows, (512, 512), (64, 64))
+    assert [r.box for r in small] == [(0, 0, 32, 64), (32, 16, 64, 64)]
+    assert [r.box for r in app.scale_rows(small, (64, 64), (128, 96))] == [(0, 0, 64, 96), (64, 24, 128, 96)]
+    tiny = app.scale_rows([app.BoxRow("x", (10, 10, 11, 11), "")], (512, 512), (32, 32))
+    (x0, y0, x1, y1), = [r.box for r in tiny]
+    assert x1 > x0 and y1 > y0  # never zero area
+    assert small[0].label == "<mochi>" and small[1].prompt == "b"
+
+
+def test_canvas_starts_at_the_bases_native_size(tmp_path):
+    assert app.Studio("tiny", tmp_path / "a", tmp_path / "o").default_size == 64
+    toy = Path(app.__file__).resolve().parent / "assets" / "toyworld" / "model"
+    assert app.Studio(str(toy), tmp_path / "b", tmp_path / "o").default_size == 64  # the toy world: 64 px, not 512
+    assert app.Studio("stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "c", tmp_path / "o").default_size == 512
+
+
+def test_estimates_before_starting_warn_about_a_large_canvas_on_a_cpu(tmp_path):
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    assert app.generation_estimate(studio, app.REGIONAL, 64, 64, 30, 1) == ""  # native size, nothing measured yet
+    warning = app.generation_estimate(studio, app.REGIONAL, 512, 512, 30, 1)
+    assert "64x the area" in warning and "64x64" in warning
+    studio.speeds.record(("generate", "tiny", "cpu", 64, 64, 1, 0, app.REGIONAL), 0.5)
+    assert "about 0:15" in app.generation_estimate(studio, app.REGIONAL, 64, 64, 30, 1)  # 30 steps x 0.5 s
+    assert "about 1:00" in app.generation_estimate(studio, app.REGIONAL, 128, 64, 30, 2)  # 2x area, 2 images
+    sd = app.Studio("stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "lib", tmp_path / "out")
+    assert "minutes" in app.generation_estimate(sd, app.REGIONAL, 512, 512, 30, 1)
+    assert "hours" in app.training_estimate(sd, 5, 0, 2) and "1250 steps" in app.training_estimate(sd, 5, 0, 2)
+    studio.speeds.record(("train", "tiny", "cpu", 2), 0.1)
+    assert "about 0:10" in app.training_estimate(studio, 3, 100, 2)
+
+
 def test_training_is_refused_on_zero_gpu_with_a_duplicate_hint(tmp_path, monkeypatch, photo):
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
@@ -331,6 +444,39 @@ def test_two_concepts_fuse_once_and_the_base_is_reused(studio):
     assert read_png_metadata(again.result.images[0])["fused"] == model.fused
 
 
+def test_compose_lists_only_fused_models_that_fit_the_base_and_shows_flagged_layers(studio):
+    import json
+    import shutil
+
+    from pipelines.fusion import FUSED_RECORD
+
+    state = studio.jobs.wait(studio.submit_fusion(["mochi", "tama"], "weight").id, timeout=300)
+    assert state.status == DONE, state.message
+    folder = Path(state.result)
+    assert str(folder) in [r["folder"] for r in studio.fused_models()]
+    record = json.loads((folder / FUSED_RECORD).read_text())
+    strangers = {"other-arch": {**record, "fingerprint": "0123456789abcdef"}, "old-format": {**record, "format": "menagerie-fused-v1"}}
+    for name, changed in strangers.items():
+        shutil.copytree(folder, folder.parent / name)
+        (folder.parent / name / FUSED_RECORD).write_text(json.dumps(changed))
+    try:
+        listed = [Path(r["folder"]).name for r in studio.fused_models()]
+        assert folder.name in listed and not set(strangers) & set(listed)
+        loaded, studio.models.model = studio.models.model, None  # before the base loads: those made on its name
+        try:
+            assert folder.name in [Path(r["folder"]).name for r in studio.fused_models()]
+            assert "old-format" not in {Path(r["folder"]).name for r in studio.fused_models()}  # (the fingerprint needs the base)
+        finally:
+            studio.models.model = loaded
+    finally:
+        for name in strangers:
+            shutil.rmtree(folder.parent / name)
+    assert app.report_flags({"outliers": []}) == ""
+    flags = app.report_flags({"outliers": [{"layer": "unet.x.attn1.to_q", "concept": "mochi", "relative_error": 0.5,
+                                            "median_of_kind": 0.02}]})
+    assert "1 layer(s)" in flags and "&lt;mochi&gt;" in flags and "25x" in flags and "--rcond" in flags
+
+
 @pytest.mark.parametrize("request_, fragment", [
     (generation(prompt="  "), "the prompt is empty"),
     (generation(rows=(app.BoxRow("", (0, 0, 8, 8), "x"),)), "has no label"),
@@ -348,6 +494,28 @@ def test_errors_found_by_the_pipeline_fail_the_job_not_the_studio(studio):
     assert failed.status == FAILED and "region" in failed.message.lower()
     after = studio.jobs.wait(studio.submit_generation(generation()).id, timeout=120)
     assert after.status == DONE
+
+
+def test_a_concept_deleted_while_its_generation_waits_fails_the_job_in_one_line(tmp_path, tiny_dir):
+    """<rex> beside <mochi>, deleted while the job waits in the queue: the job names the unknown
+    concept and the known ones (in regional mode the fused folder is computed first)."""
+    import threading
+
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    _save_concept(studio.library, "mochi")
+    _save_concept(studio.library, "rex")
+    gate = threading.Event()
+    studio.jobs.submit("train", "holding the queue", lambda job: gate.wait(60))
+    rows = (app.BoxRow("<rex>", (32, 0, 64, 64), "a photo of <rex> dog", find="dog"),
+            app.BoxRow("<mochi>", (0, 0, 32, 64), "a photo of <mochi> dog", find="dog"))
+    states = [studio.submit_generation(generation(mode=mode, rows=rows)) for mode in (app.REGIONAL, app.ISOLATED)]
+    studio.delete("rex")
+    gate.set()
+    for state in states:
+        failed = studio.jobs.wait(state.id, timeout=120)
+        assert failed.status == FAILED, failed
+        assert "unknown concept 'rex'" in failed.message and "(known: mochi)" in failed.message, failed.message
+        assert "internal error" not in failed.message and "\n" not in failed.message
 
 
 def test_a_concept_with_broken_tensors_fails_its_job_in_one_line_and_the_library_works_on(studio):
@@ -504,3 +672,94 @@ def test_advanced_layout_controls_start_at_the_pipelines_defaults(tmp_path):
     assert [props[key]["value"] for key in ("isolated-self-attention", "layout-cross-attention", "layout-retries", "added-bootstrap")] == [
         IsolateConfig.layout_self_attention, IsolateConfig.layout_cross_attention, IsolateConfig.layout_retries,
         IsolateConfig.added_bootstrap]
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up, the server log, names and imports
+
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "gradio", "diffusers", "transformers")
+
+
+@pytest.mark.parametrize("argv, code, shown", [(["--help"], 0, "--concepts-dir"), (["--nope"], 2, "unrecognized arguments")])
+def test_help_and_bad_flags_answer_before_torch_and_gradio_load(argv, code, shown):
+    """`python app.py --help` (or a mistyped flag) parses the command line before the heavy imports."""
+    import subprocess
+    import sys
+
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['app.py', *{argv!r}]\n"
+              "try:\n    runpy.run_path('app.py', run_name='__main__')\n"
+              "except SystemExit as stop:\n    print('exit', stop.code)\n"
+              f"print('loaded', sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2:] == [f"exit {code}", "loaded []"], done.stdout + done.stderr
+    assert shown in done.stdout + done.stderr
+
+
+def test_component_file_requests_are_not_printed_to_the_server_log(tmp_path, capsys):
+    """gradio prints "id=..., environment=client, type=component, ..." for every canvas file a page loads."""
+    import gradio
+    import gradio_image_annotation
+    from starlette.testclient import TestClient
+
+    component = Path(gradio_image_annotation.__file__).parent / "templates" / "component"
+    url = (f"/gradio_api/custom_component/{app.image_annotator.get_component_class_id()}/client/component/"
+           f"{sorted(p.name for p in component.iterdir())[0]}")
+    vars(gradio.routes).pop("print", None)  # as gradio ships: the builtin print
+    before = gradio.Blocks()
+    assert TestClient(gradio.routes.App.create_app(before)).get(url).status_code == 200
+    assert "environment=client, type=component" in capsys.readouterr().out  # the flood this test is about
+    demo = app.build_app("tiny", str(tmp_path / "lib"), str(tmp_path / "out"))
+    assert TestClient(gradio.routes.App.create_app(demo)).get(url).status_code == 200
+    assert "environment=" not in capsys.readouterr().out
+    gradio.routes.print("* Monitoring URL: x *")  # gradio's other messages still reach the log
+    assert capsys.readouterr().out == "* Monitoring URL: x *\n"
+
+
+def test_a_capitalised_concept_name_is_lowercased_with_a_note(tmp_path, tiny_dir):
+    from conftest import procedural_photo
+
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    photos = []
+    for i in range(3):
+        procedural_photo(i).save(tmp_path / f"photo{i}.png")
+        photos.append(str(tmp_path / f"photo{i}.png"))
+    state = studio.submit_training(photos, quick("Buddy"))
+    assert state.title == "training <buddy>"
+    done = studio.jobs.wait(state.id, timeout=300)
+    assert done.status == DONE, done.message
+    assert studio.library.names() == ["buddy"] and "'Buddy' is stored as 'buddy'" in done.message
+    with pytest.raises(UserError, match="concept name 'My Dog' is not valid"):  # still refused: no guessing
+        studio.submit_training(photos, quick("My Dog"))
+
+
+def test_import_refuses_another_architecture_before_the_base_loads(tmp_path, tiny_dir):
+    """The studio's base (tiny) is not loaded: its fingerprint comes from its configs."""
+    from pipelines.base import load_base
+
+    source = ConceptLibrary(tmp_path / "source")
+    _save_concept(source, "rex")  # fingerprint "x": another architecture
+    tiny = load_base(str(tiny_dir), device="cpu")
+    _save_concept(source, "mochi")
+    record = source.get("mochi")
+    source.save(app.replace(record, fingerprint=tiny.fingerprint), source.weights("mochi"))
+    studio = app.Studio("tiny", tmp_path / "lib", tmp_path / "out")
+    with pytest.raises(UserError, match=r"concept 'rex' was trained on another architecture .* fingerprint x\)"):
+        studio.import_concept(str(source.export("rex", tmp_path / "rex.safetensors")))
+    assert "imported <mochi>" in studio.import_concept(str(source.export("mochi", tmp_path / "mochi.safetensors")))
+    assert studio.library.names() == ["mochi"] and studio.models.model is None  # checked without loading the base
+
+
+def test_library_table_shows_a_short_base_name(tmp_path):
+    library = ConceptLibrary(tmp_path / "lib")
+    for name, base in (("mochi", "/home/someone/models/my-sd15"), ("tama", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                       ("rex", "/data/ckpt/dreamshaper_8.safetensors")):
+        _save_concept(library, name)
+        library.save(app.replace(library.get(name), base_model=base), library.weights(name))
+    _, rows = app.library_rows(library)
+    assert {row[0]: row[3] for row in rows} == {"<mochi>": "my-sd15", "<tama>": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                "<rex>": "dreamshaper_8.safetensors"}
+    assert app.short_base_name("tiny") == "tiny" and app.short_base_name("C:\\models\\sd15\\") == "sd15"

@@ -83,6 +83,18 @@ def test_fingerprint_is_stable_and_architecture_only(base, fresh_base):
     assert architecture_fingerprint(base.unet, wider) != base.fingerprint
 
 
+def test_architecture_from_configs_is_the_loaded_fingerprint(base, tiny_dir, tmp_path):
+    """`architecture_of` reads configs only (what the studio checks an import against before the base loads)."""
+    from pipelines.base import SD15_CONFIG_DIR, architecture_of
+
+    assert architecture_of("tiny").fingerprint == base.fingerprint
+    assert architecture_of(str(tiny_dir)).fingerprint == base.fingerprint
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"not read")  # a single file is SD1.5's architecture or does not load at all
+    assert architecture_of(str(single)).fingerprint == architecture_of(str(SD15_CONFIG_DIR)).fingerprint != base.fingerprint
+    assert architecture_of("someone/not-cached-model") is None and architecture_of(str(tmp_path / "nowhere")) is None
+
+
 def test_missing_base_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_base(str(tmp_path / "no-such-model"), device="cpu")

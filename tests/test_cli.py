@@ -213,6 +213,13 @@ def test_train_bad_settings(capsys, tmp_path, photos_dir, extra, fragments):
     assert ConceptLibrary(tmp_path / "lib").names() == []
 
 
+def test_train_lowercases_a_capitalised_name_with_a_note(capsys, tmp_path, photos_dir):
+    code, out, err = run(capsys, *train_args(photos_dir, tmp_path / "lib"), "--name", "Buddy", "--steps", "2")
+    assert code == 0, err
+    assert "note: concept name 'Buddy' is stored as 'buddy'" in err and "saved concept <buddy>" in out
+    assert ConceptLibrary(tmp_path / "lib").names() == ["buddy"]
+
+
 def test_train_refuses_existing_concept_without_overwrite(capsys, tmp_path, photos_dir, fake_tensors):
     library = ConceptLibrary(tmp_path / "lib")
     library.save(Concept("mochi", "dog", "tiny", "x", 1), fake_tensors())
@@ -283,6 +290,33 @@ def test_concepts_list_shows_a_damaged_concept_beside_the_good_ones(capsys, smal
     code, out, _ = run(capsys, "concepts", "list", "--json", "--library", root)
     records = json.loads(out)
     assert [r["name"] for r in records] == ["mochi", "tama"] and "problem" in records[1]
+
+
+@pytest.mark.parametrize("extra", [
+    ["generate", "--prompt", "<mochi> and <nobody> on the grass"],
+    ["generate", "--prompt", "a dog and a cat", "--region", "0,0,32,64|a photo of <mochi> dog", "--region", "32,0,64,64|<nobody> cat"],
+    ["isolate", "--prompt", "a dog and a cat", "--subject", "dog=a photo of <mochi> dog", "--subject", "cat=<nobody> cat",
+     "--box", "0,0,32,64", "--box", "32,0,64,64", "--detector", "tiny", "--segmenter", "tiny"],
+])
+def test_an_unknown_concept_beside_a_known_one_is_named_in_one_line(capsys, tmp_path, small_library, extra):
+    code, _, err = run(capsys, *extra, "--base", "tiny", "--device", "cpu", "--steps", "2", "--width", "64", "--height", "64",
+                       "--library", small_library.root, "--out", tmp_path / "out.png")
+    assert_one_line_error(code, err, "unknown concept 'nobody'", "(known: mochi, tama)")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_concepts_import_notes_an_architecture_the_library_does_not_have(capsys, tmp_path, small_library, fake_tensors):
+    """Without --base nothing is refused (a library may serve several bases), but the odd one out is said."""
+    file = tmp_path / "rex.safetensors"
+    other = ConceptLibrary(tmp_path / "other")
+    other.save(Concept("rex", "dog", "/models/sd2", "fedcba9876543210", 3), fake_tensors())
+    other.export("rex", file)
+    code, out, err = run(capsys, "concepts", "import", file, "--library", small_library.root)
+    assert code == 0 and "imported <rex> (dog)" in out
+    assert err.startswith("note: <rex> was trained on /models/sd2, an architecture none of the library's other concepts has")
+    assert "--base /models/sd2" in err
+    code, out, err = run(capsys, "concepts", "import", file, "--name", "rex2", "--library", tmp_path / "other")
+    assert code == 0 and err == ""  # a library of its architecture: nothing to say
 
 
 def test_concepts_list_empty(capsys, tmp_path):

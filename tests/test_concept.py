@@ -54,6 +54,19 @@ def test_valid_names(name):
     assert check_name(name) == name
 
 
+@pytest.mark.parametrize("typed, stored, noted", [
+    ("Buddy", "buddy", True), ("<Mochi>", "mochi", True), ("  rex ", "rex", False), ("rex", "rex", False),
+    ("My Dog", "My Dog", False), ("../x", "../x", False),  # still invalid: left for check_name to refuse as typed
+])
+def test_entry_points_lowercase_a_name_with_a_note(typed, stored, noted):
+    from pipelines.concept import normalise_name
+
+    name, note = normalise_name(typed)
+    assert name == stored and bool(note) == noted
+    if noted:
+        assert f"is stored as {stored!r}" in note and f"<{stored}>" in note
+
+
 def test_class_word_is_normalised_or_refused():
     assert check_class_word(" Dog ") == "dog"
     for bad in ("hot dog", "dog2", "", "chien!"):

@@ -536,6 +536,31 @@ def test_second_call_hits_the_cache(fused, model_dir, library, monkeypatch):
         fuse_concepts(fresh(model_dir), library, NAMES, FusionConfig(rcond=1e-5))
 
 
+def test_concept_order_is_one_cached_model_with_the_same_weights(fused, model_dir, library, tmp_path):
+    """[tama, mochi] (the studio lists boxes newest first) is the cached [mochi, tama]; fused afresh
+    into another folder it stores exactly the same updates (each concept's sample seeded the same)."""
+    result, _ = fused
+    base = fresh(model_dir)
+    config = FusionConfig(rcond=1e-6)
+    assert fusion.cache_key(base, library, NAMES[::-1], config) == fusion.cache_key(base, library, NAMES, config)
+    cached = sorted(p.name for p in (library.root / ".fused").iterdir())
+    again = fuse_concepts(base, library, NAMES[::-1], config)
+    assert again.folder == result.folder and again.concepts == NAMES
+    assert sorted(p.name for p in (library.root / ".fused").iterdir()) == cached  # no second entry
+    afresh = fuse_concepts(fresh(model_dir), library, NAMES[::-1], config, out_dir=tmp_path / "reversed")
+    assert afresh.concepts == NAMES and afresh.report["concepts"] == NAMES
+    stored, reversed_ = load_file(result.folder / FUSED_WEIGHTS), load_file(tmp_path / "reversed" / FUSED_WEIGHTS)
+    assert stored.keys() == reversed_.keys()
+    for key in stored:
+        assert torch.equal(stored[key], reversed_[key]), key
+
+
+def test_unknown_concept_in_the_cache_key_is_a_user_error(model_dir, library):
+    """The studio computes the fused folder before fusing: a concept gone from the library is named, not a missing file."""
+    with pytest.raises(UserError, match=r"unknown concept 'nobody' in library .* \(known: mochi, tama\)"):
+        fusion.cache_key(fresh(model_dir), library, ["mochi", "nobody"], FusionConfig())
+
+
 def test_load_fused_writes_exactly_the_stored_weights(fused, model_dir):
     result, _ = fused
     stored = stored_weights(result.folder, model_dir)

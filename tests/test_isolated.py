@@ -233,7 +233,15 @@ def test_layout_step_index():
     ("dog", "dog", True),
     ("dog", "a photo of <mochi> dog", True),
     ("dog", "a hotdog stand", False),
-    ("dog", "two dogs", False),
+    ("dog", "two dogs", True),  # plurals and simple inflections are mentions of the label
+    ("cat", "two cats on a sofa", True),
+    ("puppy", "three puppies", True),
+    ("fox", "two foxes", True),
+    ("mouse", "two mice", True),
+    ("cats", "a cat on a mat", True),
+    ("teddy bear", "two teddy bears", True),
+    ("dog", "a doggy", False),
+    ("cat", "a caterpillar", False),
     ("dog", "a dog_house", False),
     ("mochi", "a photo of <mochi> dog", False),  # a concept token is not the word
     ("cat", "<cat> on a mat", False),
@@ -277,6 +285,20 @@ def test_isolate_refuses_bad_configs(pristine_base, library, overrides, message)
 
     with pytest.raises(UserError, match=message):
         isolate(pristine_base, library, IsolateConfig(**settings), detector=never)
+
+
+def test_box_labels_match_plurals_in_the_prompt(pristine_base):
+    """"two cats on a sofa" with two boxes labelled cat, "three puppies" with puppy: accepted."""
+    from pipelines.isolated import check_isolate_config
+
+    cats = IsolateConfig(prompt="two cats on a sofa", subjects=(Subject("cat", "a photo of a cat"),) * 2,
+                         boxes=((0, 0, 32, 64), (32, 0, 64, 64)), steps=4, width=64, height=64)
+    assert check_isolate_config(cats, pristine_base) == (64, 64)
+    puppies = IsolateConfig(prompt="three puppies and two foxes", subjects=(Subject("puppy", "a puppy"), Subject("fox", "a fox")),
+                            steps=4, width=64, height=64)
+    assert check_isolate_config(puppies, pristine_base) == (64, 64)
+    with pytest.raises(UserError, match="subject label 'cat' does not appear in the prompt"):
+        check_isolate_config(IsolateConfig(prompt="a caterpillar", subjects=(Subject("cat", "a cat"),), steps=4), pristine_base)
 
 
 # ---------------------------------------------------------------------------------------------

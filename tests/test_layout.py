@@ -328,6 +328,30 @@ def test_label_positions_plural_is_shared_by_all_subjects_of_the_label(tokenizer
     assert tokens_at(tokenizer, prompt, [2]) == ["dogs</w>"]
 
 
+@pytest.mark.parametrize("prompt, labels, words", [
+    ("two cats on a sofa", ["cat", "cat"], [["cats"], ["cats"]]),  # one plural mention: shared by both boxes
+    ("three puppies and a fox", ["puppy", "fox"], [["puppies"], ["fox"]]),
+    ("a fox and two foxes", ["fox", "fox"], [["fox"], ["foxes"]]),  # as many mentions as boxes: one each, in order
+    ("two mice and a cat", ["mouse", "cat"], [["mice"], ["cat"]]),
+    ("a cat and a dog", ["cats", "dog"], [["cat"], ["dog"]]),  # a plural label finds the singular
+    ("two dachshunds on the grass", ["dachshund"], [["dach", "shun", "ds"]]),  # a word of several tokens: all of them
+    ("a caterpillar and a hotdog", ["cat", "dog"], [[], []]),  # parts of other words are no mention
+])
+def test_label_positions_match_simple_inflections(tokenizer, prompt, labels, words):
+    positions = label_word_positions(tokenizer, prompt, labels)
+    assert [[t.removesuffix("</w>") for t in tokens_at(tokenizer, prompt, p)] for p in positions] == words
+
+
+def test_label_positions_skip_concept_tokens(clip_files):
+    """A concept's tokens (added to the tokenizer) are words of their own, never a mention."""
+    tokenizer = make_tokenizer(clip_files)
+    tokenizer.add_tokens(["<mochi-r0>", "<mochi-c0>"])
+    prompt = "<mochi-r0> <mochi-c0> dog and two cats"
+    positions = label_word_positions(tokenizer, prompt, ["dog", "cat"])
+    assert [tokens_at(tokenizer, prompt, p) for p in positions] == [["dog</w>"], ["cats</w>"]]
+    assert positions == [[3], [6]]
+
+
 def test_label_positions_interleaved_labels(tokenizer):
     prompt = "a dog, a cat and a dog"
     positions = label_word_positions(tokenizer, prompt, ["dog", "cat", "dog"])

@@ -807,7 +807,7 @@ def test_training_scales_the_loss_exactly_when_the_unet_is_fp16(tiny_dir, photo,
         scaler = real(*args)
         calls = []
         original = scaler.scale
-        scaler.scale = lambda loss: calls.append(float(loss)) or original(loss)
+        scaler.scale = lambda loss: calls.append(float(loss.detach())) or original(loss)
         scalers.append((scaler, calls))
         return scaler
 
