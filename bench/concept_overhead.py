@@ -1,11 +1,11 @@
 """Why sampling with one concept costs more than plain sampling (found in issue 13's H200 run: 2.02 s
-vs 1.06 s): the same 30-step generation, one run, three ways (issue 15 input).
+vs 1.06 s): the same 30-step generation, one run, three ways.
 
   plain     - no concept in the prompt;
-  concept   - one concept, as the product samples it (UNet LoRA folded in, peft's wrappers still in
-              every UNet linear, layer-wise processors);
-  unwrapped - the same folded weights with every peft LoRA wrapper of the UNet swapped for its base
-              linear for the duration (what a fix could do); same images checked.
+  wrapped   - one concept with its UNet LoRA folded in and peft's wrappers left in every UNet linear
+              (the product before this measurement);
+  unwrapped - the product now: the same folded weights, each peft LoRA wrapper of the UNet swapped
+              for its base linear while sampling (`edlora.merged_adapter(unwrap=True)`); same image checked.
 
 Usage (on the GPU machine): python bench/concept_overhead.py --out DIR -> DIR/concept_overhead.json
 """
@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.train_sd15 import synthetic_photos  # noqa: E402
 from pipelines.base import build_tiny_model, load_base  # noqa: E402
 from pipelines.concept import ConceptLibrary  # noqa: E402
-from pipelines.edlora import lora_layers, merged_adapter  # noqa: E402
+from pipelines.edlora import merged_adapter  # noqa: E402
 from pipelines.sample import SampleConfig, generate  # noqa: E402
 from pipelines.train import TrainConfig, train_concept  # noqa: E402
-
-
-@contextmanager
-def unwrapped_merge(model, adapter):
-    """`merged_adapter`, then each peft LoRA layer of `model` replaced by its base linear until the end."""
-    with merged_adapter(model, adapter):
-        swapped = []
-        for name, layer in lora_layers(model).items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            swapped.append((parent, child, layer))
-            setattr(parent, child, layer.get_base_layer())
-        try:
-            yield
-        finally:
-            for parent, child, layer in swapped:
-                setattr(parent, child, layer)
 
 
 def timed(base, library, prompt: str, repeats: int = 3) -> tuple[float, np.ndarray]:
@@ -76,14 +58,14 @@ def main() -> None:
     base = load_base(str(model_dir), device="cuda")
     rows = {}
     rows["plain_s"], _ = timed(base, library, "a photo of a dog on a beach")
-    rows["concept_s"], with_wrappers = timed(base, library, "a photo of <mochi> on a beach")
     import pipelines.edlora as edlora
 
-    edlora.merged_adapter = unwrapped_merge  # generate imports it from pipelines.edlora at call time
+    edlora.merged_adapter = lambda model, adapter, unwrap=False: merged_adapter(model, adapter, False)  # the wrappers kept
     try:
-        rows["unwrapped_s"], without_wrappers = timed(base, library, "a photo of <mochi> on a beach")
+        rows["wrapped_s"], with_wrappers = timed(base, library, "a photo of <mochi> on a beach")
     finally:
         edlora.merged_adapter = merged_adapter
+    rows["unwrapped_s"], without_wrappers = timed(base, library, "a photo of <mochi> on a beach")
     rows["same_image"] = bool(np.array_equal(with_wrappers, without_wrappers))
     rows["max_pixel_difference"] = int(np.abs(with_wrappers.astype(int) - without_wrappers.astype(int)).max())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -105,13 +105,18 @@ def set_active_adapters(model: torch.nn.Module, adapters: list[str]) -> None:
 
 
 @contextmanager
-def merged_adapter(model: torch.nn.Module, adapter: str):
+def merged_adapter(model: torch.nn.Module, adapter: str, unwrap: bool = False):
     """Run `model` with `adapter`'s LoRA folded into its weights, then restore the originals exactly.
 
     Sampling with an unmerged LoRA runs two extra small matmuls in each of the 128 UNet layers at
     every step (1.72x the time of plain sampling at SD1.5 size on an H100, bench/README.md). Folding
     W' = W + B A * scale once removes that. The original weight tensors are kept and put back, so
     nothing drifts however often it is done (peft's in-place merge/unmerge rounds in half precision).
+
+    With `unwrap`, each peft LoRA layer is also swapped for its base linear until the end: the
+    wrappers' Python cost per call is half of one concept's overhead over plain sampling at SD size
+    (bench/RESULTS.md, "Where the one-concept sampling overhead goes"). Not for a compiled model,
+    whose graph would be recompiled for the swapped modules on every call.
     """
     swapped = []
     with torch.no_grad():
@@ -124,9 +129,18 @@ def merged_adapter(model: torch.nn.Module, adapter: str):
             linear.weight.data = (original.float() + delta.float()).to(original.dtype)
             swapped.append((linear, original))
     set_active_adapters(model, [])
+    unwrapped = []
+    if unwrap:
+        for name, layer in lora_layers(model).items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            unwrapped.append((parent, child, layer))
+            setattr(parent, child, layer.get_base_layer())
     try:
         yield
     finally:
+        for parent, child, layer in unwrapped:
+            setattr(parent, child, layer)
         for linear, original in swapped:
             linear.weight.data = original
 

@@ -318,7 +318,8 @@ def generate(
     # 3. Sample (one concept's UNet LoRA folded into the weights for speed; its text LoRA stays active)
     started = time.perf_counter()
     single = names[0] if fused_model is None and len(names) == 1 else None
-    with merged_adapter(base.unet, single) if single else nullcontext():
+    # peft's wrappers come out too while the UNet runs eager (a compiled one would recompile for them)
+    with merged_adapter(base.unet, single, unwrap=base.performance.compile == "off") if single else nullcontext():
         images = sample_loaded(base, config, callback, cancel, regions, layout)
     images, blocked = screen(base, images)  # the safety checker, when on (pipelines.safety)
     metadata = {

@@ -218,6 +218,27 @@ def test_merged_adapter_matches_unmerged_lora_and_restores_weights_exactly(train
     assert not torch.allclose(fixed_unet_output(base, "a photo of a dog"), unmerged, atol=1e-4)
 
 
+def test_unwrapped_merge_runs_without_peft_wrappers_and_puts_them_back(trained_base, base):
+    """With `unwrap`, the UNet runs plain linears holding the folded weights: the same output, no
+    LoRA wrapper inside while it runs, and afterwards every wrapper and weight is back."""
+    from pipelines.edlora import lora_layers, merged_adapter
+
+    _, result = trained_base
+    tensors = {k: (torch.randn_like(v) * 0.2 if ".lora_B." in k else v) for k, v in result.tensors.items()}
+    apply_concept(base, "mochi", tensors, lora_scale=1.0)
+    layers_before = lora_layers(base.unet)
+    originals = {name: layer.get_base_layer().weight.clone() for name, layer in layers_before.items()}
+    with merged_adapter(base.unet, "mochi"):
+        wrapped = fixed_unet_output(base, "a photo of a dog")
+    with merged_adapter(base.unet, "mochi", unwrap=True):
+        assert lora_layers(base.unet) == {}  # plain linears only
+        unwrapped = fixed_unet_output(base, "a photo of a dog")
+    assert torch.equal(unwrapped, wrapped)
+    assert lora_layers(base.unet) == layers_before  # the same wrapper objects, in the same places
+    for name, layer in lora_layers(base.unet).items():
+        assert torch.equal(layer.get_base_layer().weight, originals[name]), name
+
+
 def test_concept_files_name_text_layers_the_same_under_transformers_4_and_5(fresh_base):
     """transformers 5 dropped CLIPTextModel's `text_model.` level; a concept file written under one
     version must load under the other (and its architecture fingerprint must not change)."""

@@ -95,6 +95,21 @@ def test_generate_with_a_trained_concept(fresh_base, library):
     assert np.abs(pixels(no_lora) - pixels(result.images[0])).max() > 0
 
 
+def test_generate_samples_one_concept_without_peft_wrappers_on_an_eager_unet(fresh_base, library, monkeypatch):
+    """One concept: its UNet LoRA folded in and peft's wrappers swapped out while the UNet runs eager;
+    the image is the one the wrapped, folded UNet makes."""
+    import pipelines.edlora as edlora
+
+    seen = []
+    real = edlora.merged_adapter
+    monkeypatch.setattr(edlora, "merged_adapter", lambda model, adapter, unwrap=False: seen.append(unwrap) or real(model, adapter, unwrap))
+    config = SampleConfig(prompt="a photo of <mochi>", steps=2)
+    unwrapped = generate(fresh_base(), library, config).images[0]
+    monkeypatch.setattr(edlora, "merged_adapter", lambda model, adapter, unwrap=False: seen.append(unwrap) or real(model, adapter, False))
+    wrapped = generate(fresh_base(), library, config).images[0]
+    assert seen == [True, True] and np.array_equal(pixels(unwrapped), pixels(wrapped))
+
+
 def test_generate_without_concept_on_a_base_with_one_loaded(fresh_base, library):
     """A concept-free prompt after a concept prompt samples the plain base (adapters switched off)."""
     plain = generate(fresh_base(), library, SampleConfig(prompt="a photo of a dog", steps=2)).images[0]
