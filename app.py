@@ -126,11 +126,9 @@ def base_problem(name: str) -> str | None:
         return None if path.suffix in (".safetensors", ".ckpt") else f"--base {name!r} must be a .safetensors or .ckpt file"
     if not _is_hub_id(name):
         return f"--base {name!r} does not exist; give a Hub id, a diffusers folder or a .safetensors/.ckpt file"
-    from huggingface_hub import try_to_load_from_cache
+    from pipelines.hub import cached, offline_by_setting
 
-    cached = isinstance(try_to_load_from_cache(name, "model_index.json"), str)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return _offline_help(name) if offline and not cached else None
+    return _offline_help(name) if offline_by_setting() and not cached(name, "model_index.json") else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,33 +282,40 @@ class Architecture:
     fingerprint: str
 
 
+def base_config_files(name: str, parts: tuple[str, ...]) -> list[Path] | None:
+    """The `<part>/config.json` files of base `name`, found without loading weights: a folder's own,
+    SD1.5's (assets/sd15) for a single checkpoint file, the Hub cache's for a Hub id; None when
+    they cannot be read here (a Hub id not cached, a missing path)."""
+    path = ensure_tiny_model() if name == TINY else Path(os.path.expanduser(name))  # tiny: built once, in seconds
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        path = SD15_CONFIG_DIR  # a single file loads into SD1.5's architecture or not at all
+    if path.is_dir():
+        files = [path / part / "config.json" for part in parts]
+        return files if all(f.is_file() for f in files) else None
+    if _is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [try_to_load_from_cache(name, f"{part}/config.json") for part in parts]
+        return [Path(f) for f in found] if all(isinstance(f, str) for f in found) else None
+    return None
+
+
 def architecture_of(name: str) -> Architecture | None:
     """The architecture fingerprint of base `name`, read from its UNet and text-encoder configs
     without loading weights (the models are built on the meta device: under a second at SD1.5 size).
 
-    It equals `load_base(name).fingerprint`. A single checkpoint file has SD1.5's (it loads into
-    that architecture or not at all). None when the configs cannot be read here: a Hub id not in
-    the local cache, a missing path, the tiny model not built yet.
+    It equals `load_base(name).fingerprint`. None when the configs cannot be read here
+    (`base_config_files`).
     """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    path = tiny_model_dir() if name == TINY else Path(os.path.expanduser(name))
-    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
-        path = SD15_CONFIG_DIR
-    if path.is_dir():
-        files = [path / part / "config.json" for part in ("unet", "text_encoder")]
-    elif _is_hub_id(name):
-        from huggingface_hub import try_to_load_from_cache
-
-        files = [try_to_load_from_cache(name, f"{part}/config.json") for part in ("unet", "text_encoder")]
-        if not all(isinstance(f, str) for f in files):
-            return None
-    else:
+    files = base_config_files(name, ("unet", "text_encoder"))
+    if files is None:
         return None
     try:
-        unet_config, text_config = (json.loads(Path(f).read_text()) for f in files)
+        unet_config, text_config = (json.loads(f.read_text()) for f in files)
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(unet_config)
             text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
@@ -320,22 +327,11 @@ def architecture_of(name: str) -> Architecture | None:
 def native_resolution_of(name: str) -> int:
     """The image side base `name` was trained at, read from its configs without loading weights
     (64 for the tiny model, 512 for SD1.5 and its single files; 512 when nothing can be read)."""
-    folder = ensure_tiny_model() if name == TINY else Path(os.path.expanduser(name))  # tiny: built once, in seconds
+    files = base_config_files(name, ("unet", "vae"))
     try:
-        if folder.is_dir():
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-        elif _is_hub_id(name):
-            from huggingface_hub import try_to_load_from_cache
-
-            unet_file, vae_file = (try_to_load_from_cache(name, f"{part}/config.json") for part in ("unet", "vae"))
-            if not (isinstance(unet_file, str) and isinstance(vae_file, str)):
-                return 512
-            unet, vae = json.loads(Path(unet_file).read_text()), json.loads(Path(vae_file).read_text())
-        else:
-            return 512  # a single SD1.5 checkpoint file
+        unet, vae = (json.loads(f.read_text()) for f in files)
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (TypeError, OSError, ValueError, KeyError):  # TypeError: no files
         return 512
 
 
