@@ -17,12 +17,14 @@ or isolated sampling with boxes drawn on a canvas; history of past images).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import html
 import json
 import os
 import random
 import time
+import typing
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -71,6 +73,7 @@ if __name__ == "__main__":
 
 import gradio as gr  # noqa: E402 (after the command line above, on purpose)
 import torch
+from gradio.data_classes import FileData
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
@@ -227,6 +230,18 @@ class GenerationOutput:
     stages: list[tuple[str, str]] = field(default_factory=list)  # Isolated: (path, caption) of each stage
     boxes: list[str] = field(default_factory=list)  # Isolated: what became of each box, one line each
     message: str = ""
+
+
+def training_recipe(studio: "Studio") -> dict:
+    """The training form's defaults: Mix-of-Show's learning rates and 0 steps (500 per photo / batch
+    size); the demo's toy recipe in demo mode. The API's `train` uses the same."""
+    return {"steps": 0, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4,
+            **(studio.demo.training if studio.demo else {})}
+
+
+def generation_defaults(studio: "Studio") -> GenerationRequest:
+    """The Generate form's defaults (the demo's sampling settings in demo mode); the API's `generate` uses the same."""
+    return GenerationRequest(**{"mode": REGIONAL, "prompt": "", **(studio.demo.sampling if studio.demo else {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,8 +987,7 @@ def warn(error: Exception) -> str:
 
 def build_concepts_tab(studio: Studio, library_views: list) -> dict:
     """Training form, progress, previews, cancel; the library gallery and its actions."""
-    recipe = {"steps": 0, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4,  # Mix-of-Show's; the demo: the toy recipe
-              **(studio.demo.training if studio.demo else {})}
+    recipe = training_recipe(studio)
     with gr.Row():
         with gr.Column(scale=3):
             photos = gr.File(label="Photos of one pet (drop 3 or more)", file_count="multiple", file_types=["image"], elem_id="train-photos")
@@ -1130,7 +1144,7 @@ def build_generate_tab(studio: Studio) -> dict:
     """Mode, prompts, canvas with labelled boxes, box table, settings; results, stages and history."""
     size = studio.default_size
     tokens = [f"<{n}>" for n in usable_names(studio.library)]
-    defaults = GenerationRequest(**{"mode": REGIONAL, "prompt": "", **(studio.demo.sampling if studio.demo else {})})
+    defaults = generation_defaults(studio)
     with gr.Row():
         with gr.Column(scale=3):
             mode = gr.Radio(label="Method", choices=[REGIONAL, ISOLATED], value=REGIONAL, elem_id="generate-mode")
@@ -1313,6 +1327,250 @@ def build_generate_tab(studio: Studio) -> dict:
     return {"canvas": canvas, "fused": fused, "history": history, "history_paths": history_paths}
 
 
+# ---------------------------------------------------------------------------------------------
+# The scripting API: named endpoints for gradio_client, plain values in, files and a status out
+#
+# Each endpoint checks its input like the page does, sends the work through the same job queue
+# (so it waits its turn behind the page's jobs, and shows in the page's queue), waits for it and
+# returns plain values. A UserError, or a job that fails, reaches the client as a gr.Error with
+# the message. The page's own events are private (`hide_page_events`), so `client.view_api()` lists
+# exactly these four.
+
+API_MODES = {"regional": REGIONAL, "isolated": ISOLATED}
+BOX_KEYS = ("label", "xmin", "ymin", "xmax", "ymax", "prompt", "negative_prompt", "find")
+API_SETTINGS = ("t_lay", "box_threshold", "text_threshold", "bounded_self_attention", "bootstrap", "bounded_guidance",
+                "layout_self_attention", "layout_cross_attention", "layout_retries", "added_bootstrap")
+
+
+def api_mode(text: str) -> str:
+    """The generation mode an API call names: "regional" or "isolated" (or the page's labels)."""
+    chosen = API_MODES.get(str(text).strip().lower(), text)
+    if chosen not in (REGIONAL, ISOLATED):
+        raise UserError(f"mode {text!r} is not known; use 'regional' (Mix-of-Show) or 'isolated' (detector-guided)")
+    return chosen
+
+
+def uploaded_paths(files: list) -> list[str]:
+    """Server paths of files a client uploaded (`gradio_client.handle_file(path)` for each)."""
+    paths = []
+    for i, item in enumerate(files or [], start=1):
+        if not isinstance(item, dict) or not item.get("path"):
+            raise UserError(f"photo {i} is not an uploaded file ({str(item)[:60]!r}); pass handle_file('photo.jpg') for each photo")
+        paths.append(item["path"])
+    return paths
+
+
+def rows_from_boxes(boxes: list[dict] | str | None, width: int, height: int, library: ConceptLibrary) -> list[BoxRow]:
+    """Box-table rows from an API call's boxes: a list (or JSON text) of {label, xmin, ymin, xmax, ymax}
+    in image pixels, optionally with prompt, negative_prompt and find. A missing prompt and find
+    come from the label as the page fills them ("a photo of <mochi> dog", "dog")."""
+    if boxes is None:
+        return []
+    if isinstance(boxes, str):
+        try:
+            boxes = json.loads(boxes or "[]")
+        except json.JSONDecodeError as error:
+            raise UserError(f"boxes is not valid JSON ({error}); give a list of {{label, xmin, ymin, xmax, ymax}}") from None
+    if not isinstance(boxes, list):
+        raise UserError(f"boxes must be a list of {{label, xmin, ymin, xmax, ymax}}, got {type(boxes).__name__}")
+    rows = []
+    for i, box in enumerate(boxes, start=1):
+        if not isinstance(box, dict):
+            raise UserError(f"box {i} must be an object {{label, xmin, ymin, xmax, ymax}}, got {box!r}")
+        unknown = sorted(set(box) - set(BOX_KEYS) - {"color"})  # a canvas value's boxes carry a colour too
+        if unknown:
+            raise UserError(f"box {i} has unknown key(s) {', '.join(unknown)}; use {', '.join(BOX_KEYS)}")
+        try:
+            x0, y0, x1, y1 = (int(round(float(box[key]))) for key in ("xmin", "ymin", "xmax", "ymax"))
+        except KeyError as missing:
+            raise UserError(f"box {i} has no {missing.args[0]}; give xmin, ymin, xmax, ymax in image pixels") from None
+        except (TypeError, ValueError):
+            raise UserError(f"box {i}: xmin, ymin, xmax, ymax must be numbers of pixels, got {box}") from None
+        label = str(box.get("label") or "").strip()
+        name = f"box {i} ({label})" if label else f"box {i}"
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise UserError(f"{name} ({x0}, {y0}, {x1}, {y1}) is off the {width}x{height} canvas or empty;"
+                            f" keep 0 <= xmin < xmax <= {width} and 0 <= ymin < ymax <= {height}")
+        row = default_row(label, (x0, y0, x1, y1), library) if label else BoxRow(label="", box=(x0, y0, x1, y1), prompt="")
+        given = {key: str(box[key]).strip() for key in ("prompt", "negative_prompt", "find") if box.get(key) is not None}
+        rows.append(replace(row, **given))
+    return rows
+
+
+def api_settings(settings: dict | None, defaults: GenerationRequest) -> dict:
+    """Advanced generation settings by name (GenerationRequest fields), converted to their types."""
+    chosen = {}
+    for key, value in (settings or {}).items():
+        if key not in API_SETTINGS:
+            raise UserError(f"setting {key!r} is not known; use {', '.join(API_SETTINGS)}")
+        kind = type(getattr(defaults, key))
+        try:
+            chosen[key] = kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"setting {key} must be a {kind.__name__}, got {value!r}") from None
+    return chosen
+
+
+def fused_folder_of(studio: Studio, fused_id: str) -> str | None:
+    """The folder of the cached fused model `fused_id` (its folder's name, as /fuse returns it); None for ""."""
+    if not fused_id:
+        return None
+    folders = [r["folder"] for r in studio.fused_models()]
+    found = next((folder for folder in folders if Path(folder).name == fused_id), None)
+    if found is None:
+        known = ", ".join(Path(folder).name for folder in folders) or "none yet"
+        raise UserError(f"fused model {fused_id!r} is not in the library (known: {known}); fuse the concepts with /fuse first")
+    return found
+
+
+def concept_records(library: ConceptLibrary) -> list[dict]:
+    """The library for a script: usable concepts, then damaged ones with their problem."""
+    records = [{"name": c.name, "token": c.token, "class_word": c.class_word, "photo_count": c.photo_count,
+                "base_model": c.base_model, "created": c.created, "problem": ""} for c in library.list()]
+    return records + [{"name": name, "token": f"<{name}>", "problem": problem} for name, problem in library.damaged().items()]
+
+
+def finished_job(studio: Studio, state: JobState) -> JobState:
+    """Wait for a submitted job; its failure or cancellation becomes a UserError carrying its message."""
+    final = studio.jobs.wait(state.id)
+    if final is None:
+        raise UserError(f"{state.title}: the job was forgotten before it finished; try again")
+    if final.status != DONE:
+        raise UserError(f"{final.title}: {final.status}. {final.message}")
+    return final
+
+
+def api_errors(endpoint):
+    """An endpoint whose UserErrors reach the client as gr.Error with the same message."""
+    # gr.api reads the return type off the signature without evaluating it, and this module's
+    # annotations are text (`from __future__ import annotations`): evaluate them first
+    endpoint.__annotations__ = typing.get_type_hints(endpoint)
+
+    @functools.wraps(endpoint)
+    def call(*args, **kwargs):
+        try:
+            return endpoint(*args, **kwargs)
+        except UserError as error:
+            raise gr.Error(str(error), print_exception=False) from None  # the caller's mistake: no traceback in the server log
+    return call
+
+
+def build_api(studio: Studio) -> None:
+    """The named endpoints /concepts, /train, /fuse and /generate (see the README's "Script the studio")."""
+
+    def api_concepts() -> list[dict]:
+        """The concept library: one record per concept (name, token, class_word, photo_count, base_model,
+        created; a damaged concept has only name, token and its problem).
+
+        Returns:
+            concepts: list of records, usable concepts first
+        """
+        return concept_records(studio.library)
+
+    def api_train(photos: list[FileData], name: str, class_word: str, steps: int | None = None, batch_size: int = 2,
+                  rank: int = 4, resolution: int | None = None, seed: int = 0, auto_mask: bool = False,
+                  overwrite: bool = False) -> tuple[str, FileData | None, str]:
+        """Train a concept (ED-LoRA) from photos of one pet and add it to the library; waits until it is trained.
+
+        Args:
+            photos: image files, each as gradio_client.handle_file("photo.jpg"); 3 or more is best
+            name: the concept's name; prompts use it as <name> (stored lowercase)
+            class_word: one word for what it is, e.g. dog
+            steps: training steps; None or 0: the studio's default (500 per photo / batch size; the demo's toy recipe)
+            batch_size: photos per step
+            rank: LoRA rank
+            resolution: training image side in pixels; None: the base's native size
+            seed: makes a run repeatable
+            auto_mask: find the pet in each photo with the detector (masked loss)
+            overwrite: replace a concept of the same name
+        Returns:
+            name: the concept's name as stored
+            preview: its preview image
+            status: what happened, with any notes
+        """
+        recipe = training_recipe(studio)
+        config = TrainConfig(name=name.strip(), class_word=class_word.strip(), steps=steps or recipe["steps"] or None,
+                             batch_size=batch_size, rank=rank, resolution=resolution or None, seed=seed,
+                             lr_embedding=recipe["lr_embedding"], lr_text_lora=recipe["lr_text_lora"], lr_unet_lora=recipe["lr_unet_lora"])
+        done = finished_job(studio, studio.submit_training(uploaded_paths(photos), config, auto_mask, overwrite))
+        trained = done.result
+        preview = studio.library.preview_path(trained)
+        status = f"trained <{trained}> ({studio.library.get(trained).class_word}) in {done.total} steps, final loss {done.loss or 0:.4f}"
+        return trained, FileData(path=str(preview)) if preview else None, "; ".join(n for n in (status, done.message) if n)
+
+    def api_fuse(concepts: list[str], method: str = "gradient") -> tuple[str, dict, str]:
+        """Fuse two or more concepts into one model (Mix-of-Show gradient fusion, or weight averaging);
+        cached in the library, so fusing the same concepts again returns at once.
+
+        Args:
+            concepts: concept names, e.g. ["mochi", "tama"] (or tokens, "<mochi>")
+            method: "gradient" (gradient fusion) or "weight" (weight averaging)
+        Returns:
+            fused: the fused model's id, for generate's `fused`
+            report: per concept, the relative output error of the method and of weight averaging
+            status: what happened
+        """
+        if method not in ("gradient", "weight"):
+            raise UserError(f"method {method!r} is not known; use 'gradient' or 'weight'")
+        names = [str(c).strip().strip("<>") for c in concepts or []]
+        done = finished_job(studio, studio.submit_fusion(names, method))
+        folder = Path(done.result)
+        report = fused_report({"folder": str(folder)})
+        return folder.name, report.get("summary", {}), f"fused {' + '.join('<' + n + '>' for n in names)} ({method})"
+
+    def api_generate(prompt: str, boxes: list[dict] | str | None = None, mode: str = "regional",
+                     negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
+                     seed: int | None = None, steps: int | None = None, guidance: float | None = None, num_images: int = 1,
+                     fused: str = "", settings: dict | None = None) -> tuple[list[FileData], str]:
+        """Generate images, each concept in its box; waits until they are done. The PNGs carry their settings.
+
+        Args:
+            prompt: the whole picture, e.g. "a dog and a cat in a hot spring"; may name concepts as <name>
+            boxes: list (or JSON text) of {label, xmin, ymin, xmax, ymax} in image pixels; label: a concept (<mochi>) or
+                free text; optional prompt (default "a photo of <mochi> dog"), negative_prompt, find (isolated: the word
+                the detector looks for; default the class word)
+            mode: "regional" (Mix-of-Show) or "isolated" (detector-guided)
+            negative_prompt: None: the studio's default
+            width: image width in pixels (multiple of 8); None: the base's native size
+            height: image height in pixels (multiple of 8); None: the base's native size
+            seed: None: a random one (the status says which); image i uses seed + i
+            steps: denoising steps; None: the studio's default
+            guidance: classifier-free guidance scale; None: the studio's default
+            num_images: how many images
+            fused: a fused model's id from fuse; "": fuse the boxes' concepts on the fly (cached)
+            settings: advanced layout settings by name, e.g. {"bootstrap": 0.2}: t_lay, box_threshold, text_threshold,
+                bounded_self_attention, bootstrap, bounded_guidance, layout_self_attention, layout_cross_attention,
+                layout_retries, added_bootstrap
+        Returns:
+            images: the saved PNGs
+            status: mode, seed, what became of each box (isolated) and any notes
+        """
+        defaults = generation_defaults(studio)
+        width, height = width or studio.default_size, height or studio.default_size
+        request = replace(
+            defaults, mode=api_mode(mode), prompt=prompt.strip(), width=width, height=height, num_images=num_images,
+            negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt.strip(),
+            seed=random.randrange(2**31) if seed is None else seed, steps=defaults.steps if steps is None else steps,
+            guidance=defaults.guidance if guidance is None else guidance, fused=fused_folder_of(studio, fused),
+            rows=tuple(rows_from_boxes(boxes, width, height, studio.library)), **api_settings(settings, defaults))
+        output: GenerationOutput = finished_job(studio, studio.submit_generation(request)).result
+        kind = "isolated" if request.mode == ISOLATED else "regional"
+        status = "; ".join([f"{len(output.images)} image(s), {kind}, seed {request.seed}", *output.boxes,
+                            *([output.message] if output.message else [])])
+        return [FileData(path=path) for path in output.images], status
+
+    # the page only submits and follows jobs, so the endpoints need no Gradio concurrency limit: the job queue runs one at a time
+    for name, endpoint in (("concepts", api_concepts), ("train", api_train), ("fuse", api_fuse), ("generate", api_generate)):
+        gr.api(api_errors(endpoint), api_name=name, concurrency_limit=None)
+
+
+def hide_page_events(demo: gr.Blocks) -> None:
+    """Make every event registered so far private: the page still calls them, but they stay out of
+    the API page and `client.view_api()`, which then show only the endpoints of `build_api`."""
+    for block_function in demo.fns.values():
+        block_function.api_visibility = "private"
+
+
 def demo_studio(root: Path | None = None, library_dir: str | None = None, outputs_dir: str | None = None,
                 safety_checker: bool = False) -> Studio:
     """The studio on the toy world (`python app.py --demo`, pipelines/demo.py): its model, the stock
@@ -1406,6 +1664,8 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
 
         demo.load(on_page_load, None, [generation["history"], generation["history_paths"]])
         demo.load(poll, [library_seen, previews_seen], poll_outputs, concurrency_limit=None)
+        hide_page_events(demo)  # the page's events so far; the API's below stay public
+        build_api(studio)
     demo.studio = studio  # tests and main() reach the studio through the page
     return demo
 

@@ -220,7 +220,7 @@ def sample_jobs(size: int) -> dict:
 
 def run_sample(bench: Bench, model_dir: Path, library, work: Path, args) -> None:
     base = load_base(str(model_dir), device=bench.device)
-    jobs = sample_jobs(base.native_resolution)
+    jobs = {label: job for label, job in sample_jobs(base.native_resolution).items() if label in args.sample_jobs.split(",")}
     modes = ["off"] + ([args.sample_compile] if args.sample_compile != "off" else [])
     for mode in modes:
         configure_performance(base, memory="high", compile=mode)
@@ -430,6 +430,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--train-compile", default="default", help="compile mode of the UNet in training (off: eager)")
     parser.add_argument("--sample-compile", default="reduce-overhead", help="compile mode of the UNet in sampling (off: eager only)")
+    parser.add_argument("--sample-jobs", default="plain,regional2,regional4,isolated2,isolated3", help="comma-separated sampling jobs")
     parser.add_argument("--fuse-counts", default="2,5,14")
     parser.add_argument("--lbfgs-layers", type=int, default=2, help="layers per solve group (text encoder, UNet K/V) run through LBFGS")
     parser.add_argument("--lbfgs-iterations", type=int, default=100)

@@ -25,6 +25,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,7 @@ class Performance:
 
     memory: str = "auto"
     compile: str = "off"  # one of COMPILE_MODES; "off" runs the UNet eagerly
+    tf32_training: bool = True  # training's fp32 matmuls (text encoder, LoRA branches) on tensor cores (`tf32_matmuls`)
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,22 @@ def choose_memory_mode(free_gib: float | None, job: str) -> str:
 
 
 def free_gpu_gib(device: torch.device) -> float | None:
-    """Free memory on a CUDA device in GiB (what the driver reports), None for other devices."""
+    """GPU memory this process can still use, in GiB; None for other devices.
+
+    What the driver reports free, plus what torch's allocator holds cached but unused (it is
+    reused before asking the driver), and never more than the process's cap: a cap set with
+    `torch.cuda.set_per_process_memory_fraction` (how a smaller card is emulated, or a shared card
+    is split) stops the allocator there whatever the driver says.
+    """
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free / GIB
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # torch >= 2.6
+    cap = fraction * total
+    return max(0.0, min(free, cap - allocated)) / GIB
 
 
 def plan_for(mode: str) -> MemoryPlan:
@@ -114,7 +127,34 @@ def memory_plan(base, job: str) -> MemoryPlan:
     return plan_for(mode)
 
 
-def configure_performance(base, memory: str = "auto", compile: str = "off") -> Performance:
+def compile_cache_dir(library: str | os.PathLike) -> Path:
+    """Where torch.compile's caches for a library live: a folder beside it (not inside: a library
+    is copied and exported, the caches are large and belong to this machine)."""
+    library = Path(library).resolve()
+    return library.with_name(library.name + "-compile-cache")
+
+
+def use_compile_cache(folder: str | os.PathLike) -> Path:
+    """Keep torch.compile's caches in `folder`, so a later process on this machine skips most of
+    the compile: inductor's FX-graph cache (generated kernels), AOTAutograd's cache (the forward
+    and backward graphs of training) and Triton's compiled binaries. Dynamo still traces the model
+    in each new process; the minutes of code generation and autotuning are what is saved.
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Both are read when a compile needs them, so setting them now reaches every later compile.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return folder
+
+
+def configure_performance(base, memory: str = "auto", compile: str = "off",
+                          compile_cache: str | os.PathLike | None = None, tf32_training: bool = True) -> Performance:
     """Set how `base` runs from now on; the app and the CLI call this once after `load_base`.
 
     Args:
@@ -123,10 +163,21 @@ def configure_performance(base, memory: str = "auto", compile: str = "off") -> P
             "reduce-overhead" (also CUDA graphs: least per-step overhead, more memory) or
             "max-autotune-no-cudagraphs". The first call of each new shape compiles (tens of seconds
             at full size on a GPU); later calls are faster.
+        compile_cache: a folder for torch.compile's caches (`use_compile_cache`), used when
+            `compile` is on; the CLI passes `compile_cache_dir(--library)`.
+        tf32_training: training runs its fp32 matmuls as TF32 on CUDA (`tf32_matmuls`).
     """
     check_performance(memory, compile)
-    base.performance = Performance(memory=memory, compile=compile)
+    if compile != "off" and compile_cache is not None:
+        use_compile_cache(compile_cache)
+    base.performance = Performance(memory=memory, compile=compile, tf32_training=tf32_training)
     base.compiled_unet = None
+    if compile == "reduce-overhead" and base.device.type == "cuda":
+        # Under CUDA graphs the step is bound by the kernels, and cuDNN's fp16 convolutions run
+        # NHWC: a channels-last UNet saves the layout conversions around each one (7 ms of a
+        # 100 ms training step on an H200, bench/RESULTS.md). Eager steps are bound by the host
+        # and gain nothing, so eager UNets keep torch's default layout.
+        base.unet.to(memory_format=torch.channels_last)
     return base.performance
 
 
@@ -152,6 +203,29 @@ def unet_forward(base):
         options = {} if mode == "default" else {"mode": mode}
         base.compiled_unet = torch.compile(base.unet, dynamic=False, **options)
     return base.compiled_unet
+
+
+@contextmanager
+def tf32_matmuls(base):
+    """fp32 matmuls as TF32 (tensor cores, fp32 accumulation) for the block, on CUDA only.
+
+    In a training step with an fp16 UNet the fp32 matmuls are the text encoder's (16 layer-wise
+    copies of each prompt, forward and backward) and the LoRA branches (fp32 weights, their input
+    cast up): on an H200 about 25 ms a step of CUDA-core kernels, against about 78 ms of kernels
+    in all (bench/RESULTS.md, "Training step"). TF32 keeps fp32's range and storage and rounds
+    the products' inputs to 10 mantissa bits, as fp16 does: the loss curve moves by about 1e-5
+    (measured there). Weights, gradients and optimizer state stay fp32. Fusion and sampling do
+    not use this: the fusion solve wants full fp32 (float64 where it can).
+    """
+    if base.device.type != "cuda" or not base.performance.tf32_training:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ from .layerwise import (
     install_layerwise_attention,
     select_layer,
 )
-from .performance import average_gradients, gradient_checkpointing, init_distributed, make_adamw, memory_plan, unet_forward
+from .performance import (average_gradients, gradient_checkpointing, init_distributed, make_adamw, memory_plan, tf32_matmuls,
+                          unet_forward)
 from .sample import SampleConfig, sample_loaded
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ def image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def find_photos(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Expand folders (their image files, sorted) and keep files; error if nothing is left."""
+def find_photos(inputs: list[str | os.PathLike], flag: str = "--images",
+                hint: str = "; add JPEG/PNG/WebP photos of the subject") -> list[Path]:
+    """Expand folders (their image files, sorted) and keep files; an error naming `flag` if nothing is left."""
     photos: list[Path] = []
     extensions = image_extensions()
     for item in inputs:
@@ -168,9 +170,9 @@ def find_photos(inputs: list[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             photos.append(path)
         else:
-            raise UserError(f"--images {str(item)!r} does not exist")
+            raise UserError(f"{flag} {str(item)!r} does not exist")
     if not photos:
-        raise UserError(f"no images found in {', '.join(str(i) for i in inputs)}; add JPEG/PNG/WebP photos of the subject")
+        raise UserError(f"no images found in {', '.join(str(i) for i in inputs)}{hint}")
     return photos
 
 
@@ -840,7 +842,7 @@ def train_concept(
 
     rng_at_step = rng.getstate()
     batch = make_batch() if step < total else None
-    with gradient_checkpointing(base, plan.gradient_checkpointing), recording:
+    with gradient_checkpointing(base, plan.gradient_checkpointing), recording, tf32_matmuls(base):
         while step < total:
             if cancel is not None and cancel.is_set():
                 checkpoint()

@@ -163,3 +163,114 @@ def test_data_parallel_training_in_two_processes(tiny_dir, tmp_path):
     assert rank0["losses"] != rank1["losses"]  # other photos, augmentations and noise on each rank
     assert rank0["embeddings"] == rank1["embeddings"] and rank0["lora"] == rank1["lora"]  # averaged gradients
     assert rank0["callbacks"] == 2 and rank1["callbacks"] == 0
+
+
+GIB = 2**30
+
+
+def fake_card(monkeypatch, total_gib: float, cap_gib: float | None, allocated_gib: float, reserved_gib: float, driver_free_gib: float):
+    """torch.cuda's memory queries as a card of `total_gib` with a per-process cap of `cap_gib` would answer them."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(driver_free_gib * GIB), int(total_gib * GIB)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(allocated_gib * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * GIB))
+    fraction = 1.0 if cap_gib is None else cap_gib / total_gib
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+
+
+@pytest.mark.parametrize("cap, train_mode, sample_mode", [(None, "high", "high"), (8.0, "low", "high"), (6.0, "lowest", "low"),
+                                                         (4.0, "lowest", "lowest")])
+def test_auto_mode_follows_the_memory_a_capped_process_can_use(monkeypatch, cap, train_mode, sample_mode):
+    """An H200 capped like a small card (as bench/small_card.py emulates one): the base's 2.4 GiB of
+    weights are allocated, the driver reports 100 GiB free; auto must plan for the cap, not the card."""
+    from types import SimpleNamespace
+
+    from pipelines.performance import Performance, free_gpu_gib
+
+    fake_card(monkeypatch, total_gib=140.0, cap_gib=cap, allocated_gib=2.4, reserved_gib=3.0, driver_free_gib=100.0)
+    base = SimpleNamespace(device=torch.device("cuda"), performance=Performance())
+    expected = 100.0 + 0.6 if cap is None else cap - 2.4  # uncapped: the driver's free plus the allocator's unused cache
+    assert free_gpu_gib(torch.device("cuda")) == pytest.approx(expected)
+    assert memory_plan(base, "train").mode == train_mode
+    assert memory_plan(base, "sample").mode == sample_mode
+
+
+def test_free_memory_counts_the_allocators_unused_cache(monkeypatch):
+    from pipelines.performance import free_gpu_gib
+
+    fake_card(monkeypatch, total_gib=8.0, cap_gib=None, allocated_gib=2.0, reserved_gib=5.0, driver_free_gib=1.0)
+    assert free_gpu_gib(torch.device("cuda:0")) == pytest.approx(4.0)  # 1 free + 3 cached and reusable
+    assert free_gpu_gib(torch.device("cpu")) is None
+
+
+def test_tf32_matmuls_only_in_training_on_cuda_and_restored():
+    from types import SimpleNamespace
+
+    from pipelines.performance import Performance, tf32_matmuls
+
+    flag = torch.backends.cuda.matmul
+    before = flag.allow_tf32
+    cuda = SimpleNamespace(device=torch.device("cuda"), performance=Performance())
+    try:
+        flag.allow_tf32 = False
+        with tf32_matmuls(cuda):
+            assert flag.allow_tf32
+        assert not flag.allow_tf32
+        with pytest.raises(RuntimeError), tf32_matmuls(cuda):
+            raise RuntimeError("a failing step")
+        assert not flag.allow_tf32  # restored on errors too
+        for base in (SimpleNamespace(device=torch.device("cpu"), performance=Performance()),
+                     SimpleNamespace(device=torch.device("cuda"), performance=Performance(tf32_training=False))):
+            with tf32_matmuls(base):
+                assert not flag.allow_tf32
+    finally:
+        flag.allow_tf32 = before
+
+
+def test_channels_last_only_under_cuda_graphs_and_training_numbers_hold(fresh_base):
+    """configure_performance makes the UNet channels-last for reduce-overhead on CUDA only; a
+    channels-last UNet trains to the same losses and weights (checked here on the CPU)."""
+    from types import SimpleNamespace
+
+    def layout_of(unet):
+        weight = next(p for p in unet.parameters() if p.ndim == 4)
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+    for device, mode, expected in (("cuda", "reduce-overhead", True), ("cuda", "default", False), ("cpu", "reduce-overhead", False)):
+        unet = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+        configure_performance(SimpleNamespace(device=torch.device(device), unet=unet), compile=mode)
+        assert layout_of(unet) == expected, (device, mode)
+
+    config = TrainConfig(name="mochi", class_word="dog", steps=3, batch_size=2, resolution=64, checkpoint_every=0, preview_steps=2)
+    photos = [procedural_photo(0), procedural_photo(1)]
+    default = train_concept(fresh_base(), photos, config)
+    base = fresh_base()
+    base.unet.to(memory_format=torch.channels_last)
+    assert layout_of(base.unet)
+    nhwc = train_concept(base, photos, config)
+    assert nhwc.losses == pytest.approx(default.losses, rel=1e-5)
+    for key in default.tensors:
+        torch.testing.assert_close(nhwc.tensors[key], default.tensors[key], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_cache_lives_beside_the_library_and_is_switched_on(tmp_path, monkeypatch, base):
+    import torch._functorch.config
+    import torch._inductor.config
+
+    from pipelines.performance import compile_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "unset")
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    folder = compile_cache_dir(tmp_path / "library")
+    assert folder == (tmp_path / "library-compile-cache").resolve()
+    try:
+        configure_performance(base, compile="off", compile_cache=folder)  # off: nothing to cache
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "unset" and not folder.exists()
+        configure_performance(base, compile="default", compile_cache=folder)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")
+        assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache and folder.is_dir()
+    finally:
+        configure_performance(base)
