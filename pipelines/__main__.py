@@ -3,11 +3,14 @@
     tiny-model DIR                       write the tiny random test model
     train --base B --images DIR ...      train an ED-LoRA concept into the library
     concepts list|show|rename|delete|export|import
+    concepts import-lora F --trigger ohwx | import-mixofshow F   a LoRA file or a Mix-of-Show checkpoint as a concept
     generate --prompt "... <mochi> ..."  sample an image (PNG with its settings), optionally with regions
                                          (--region; kept apart by --layout-self-attention/-bootstrap/-guidance)
     fuse --concepts mochi,tama           fuse concepts into one model (gradient fusion or weight averaging)
+    export-checkpoint --fused DIR --out F.safetensors   a fused model as one A1111/ComfyUI checkpoint + embeddings
     detect --image X --labels dog,cat    find subjects (Grounding DINO + SAM)
     isolate --prompt ... --subject ...   Isolated Diffusion with detector-found subjects, optionally one --box each
+    evaluate --images DIR --concept mochi=photos/mochi --out scores.json   CLIP-T/I, DINO-I, CP-CLIP, TI-CLIP, SCR
 
 A user error prints one line and exits with status 2; Ctrl-C during training writes a checkpoint
 (resume with --resume) and exits with status 130.
@@ -59,11 +62,13 @@ def load_configured_base(args):
     """Load --base on --device (this process's own GPU under `accelerate launch`), then apply
     --memory and --compile (validated first, so a typo fails before the model loads)."""
     from .base import load_base
-    from .performance import check_performance, configure_performance, distributed_device
+    from .performance import check_performance, compile_cache_dir, configure_performance, distributed_device
 
     check_performance(args.memory, args.compile)
     base = load_base(args.base, device=distributed_device(args.device), dtype=args.dtype)
-    configure_performance(base, memory=args.memory, compile=args.compile)
+    library = getattr(args, "library", None)
+    configure_performance(base, memory=args.memory, compile=args.compile,
+                          compile_cache=compile_cache_dir(library) if library else None)
     return base
 
 
@@ -230,6 +235,11 @@ def cmd_concepts(args) -> None:
     elif args.action == "delete":
         library.delete(args.name)
         print(f"deleted <{args.name}>")
+    elif args.action == "export" and args.format == "webui":
+        from .export import export_for_webui
+
+        out = export_for_webui(library, args.name, args.file)
+        print(f"exported <{args.name}> for A1111/Forge/ComfyUI to {out} (LoRA, embedding, README.txt)")
     elif args.action == "export":
         out = library.export(args.name, args.file)
         print(f"exported <{args.name}> to {out}")
@@ -246,6 +256,31 @@ def cmd_concepts(args) -> None:
             print(f"note: <{concept.name}> was trained on {concept.base_model}, an architecture none of the library's other"
                   f" concepts has (they were trained on {', '.join(sorted(set(others.values())))}); generate it with"
                   f" --base {concept.base_model} (import --base BASE refuses files that do not fit BASE)", file=sys.stderr)
+    elif args.action in ("import-lora", "import-mixofshow"):
+        cmd_import_foreign(args, library)
+
+
+def cmd_import_foreign(args, library) -> None:
+    """`concepts import-lora` / `import-mixofshow`: a LoRA file or a Mix-of-Show checkpoint as a concept."""
+    from .base import load_base
+    from .concept import check_name, normalise_name
+    from .errors import UserError
+    from .lora_import import import_lora, import_mix_of_show
+
+    args.name, note = normalise_name(args.name)  # "Rex" imports <rex>, with a note
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    if check_name(args.name) in library.names() and not args.overwrite:  # before the model loads
+        raise UserError(f"concept {args.name!r} already exists in {library.root}; pass --overwrite or choose another --name")
+    base = load_base(args.base, device=args.device or "cpu")  # the words are its own token embeddings
+    if args.action == "import-lora":
+        concept = import_lora(library, args.file, args.name, args.class_word, args.trigger, base, trigger_prompt=args.prompt,
+                              overwrite=args.overwrite)
+        print(f"imported {Path(args.file).name} ({concept.source_format} naming) as <{concept.name}>: prompts write"
+              f" \"{concept.trigger} {concept.class_word}\" as <{concept.name}>; fusion encodes {concept.concept_prompt!r}")
+    else:
+        concept = import_mix_of_show(library, args.file, args.name, args.class_word, base, overwrite=args.overwrite)
+        print(f"imported Mix-of-Show's {' '.join(concept.settings['mix_of_show_words'])} as <{concept.name}> ({concept.class_word})")
 
 
 def negative_prompt_of(args) -> str:
@@ -298,6 +333,18 @@ def cmd_fuse(args) -> None:
         print(f"wrote report {args.report}")
 
 
+def cmd_export_checkpoint(args) -> None:
+    from .base import load_base
+    from .single_file import check_out_path, export_fused_checkpoint
+
+    out, embeddings, readme = check_out_path(args.out)  # a bad --out fails before the model loads
+    base = load_base(args.base, device="cpu", dtype="fp32")  # fp32: the fused updates stay exact
+    export_fused_checkpoint(base, args.fused, out, half=args.half)
+    print(f"wrote {out} (original SD layout, {'fp16' if args.half else 'fp32'}), embeddings in {embeddings}, usage in {readme}")
+    if base.fused_note:
+        print(f"note: {base.fused_note}")
+
+
 def cmd_generate(args) -> None:
     from .base import TEST_MODEL_NOTE
     from .concept import ConceptLibrary
@@ -337,6 +384,21 @@ def cmd_generate(args) -> None:
         print(f"note: {result.metadata['fused_note']}")
     if base.is_test_model:
         print(f"note: {TEST_MODEL_NOTE}")
+
+
+def cmd_evaluate(args) -> None:
+    from .scores import evaluate, find_images, format_table, load_concept_references, load_score_models, plan_images, write_scores
+
+    concepts = load_concept_references(args.concept or [], args.library)  # bad input fails before the models load
+    paths = find_images(args.images, "--images")
+    plan_images(paths, args.prompt, concepts)
+    models = load_score_models(clip=args.clip, dino=args.dino, detector=None if args.detector == "none" else args.detector,
+                               device=args.device)
+    result = evaluate(paths, args.prompt, concepts, models)
+    print(format_table(result))
+    print(f"wrote {write_scores(result, args.out)}")
+    if result.get("note"):
+        print(f"note: {result['note']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("export")
     library_flag(a)
     a.add_argument("name")
-    a.add_argument("file", help="output .safetensors file")
+    a.add_argument("file", help="output .safetensors file (menagerie) or folder (webui)")
+    a.add_argument("--format", choices=["menagerie", "webui"], default="menagerie",
+                   help="menagerie: one file for `concepts import`; webui: a kohya LoRA + embedding + README.txt for"
+                        " A1111/Forge/ComfyUI (the embedding collapses the 16 layer-wise tokens: lossy)")
     a = actions.add_parser("import")
     library_flag(a)
     a.add_argument("file", help="a .safetensors file written by export")
@@ -444,6 +509,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--base", default=None, help="refuse the concept unless it fits this base model's architecture")
     a.add_argument("--device", default=None)
     a.add_argument("--overwrite", action="store_true")
+    for action, what in (("import-lora", "a LoRA file (kohya, A1111, diffusers or peft naming; .safetensors)"),
+                         ("import-mixofshow", "a Mix-of-Show ED-LoRA checkpoint (.pth)")):
+        a = actions.add_parser(action, help=f"import {what} as a concept")
+        library_flag(a)
+        a.add_argument("file", help=what)
+        a.add_argument("--name", required=True, help="concept name; prompts use it as <name>")
+        a.add_argument("--class-word", required=True, help="what the subject is, one word: dog, cat, man...")
+        if action == "import-lora":
+            a.add_argument("--trigger", required=True, help="the LoRA's trigger word(s), e.g. ohwx; <name> means 'TRIGGER CLASS-WORD'")
+            a.add_argument("--prompt", default=None, help="a prompt the LoRA was trained on, naming the subject as 'TRIGGER"
+                                                          " CLASS-WORD' (default 'photo of a TRIGGER CLASS-WORD'); fusion uses it")
+        a.add_argument("--base", default=DEFAULT_BASE, help=f"the SD1.x base the file is for (default {DEFAULT_BASE})")
+        a.add_argument("--device", default=None, help="where to load the base (default cpu)")
+        a.add_argument("--overwrite", action="store_true", help="replace a concept of the same name")
     p.set_defaults(func=cmd_concepts)
 
     p = sub.add_parser("generate", help="generate images; prompts name concepts as <name>")
@@ -541,6 +620,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the fused model (default: cached in <library>/.fused/<hash>)")
     p.add_argument("--report", default=None, help="also write the fusion report (JSON) here")
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("evaluate", help="score images: CLIP-T, CLIP-I, DINO-I (CustomConcept101), CP-CLIP, TI-CLIP (Gen4Gen), SCR@0.5")
+    from .scores import DEFAULT_CLIP, DEFAULT_DETECTOR, DEFAULT_DINO
+
+    library_flag(p)
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders (Menagerie PNGs carry their prompt and concepts)")
+    p.add_argument("--prompt", default=None, help="the prompt the images were made from (default: each PNG's own)")
+    p.add_argument("--concept", action="append",
+                   help="NAME=DIR: a concept's reference photos (the library keeps no training photos; the class word comes"
+                        " from --library), or NAME:CLASS=DIR for a concept not in the library; repeat per concept")
+    p.add_argument("--out", required=True, help="JSON file for every score per image and the means")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model: Hub id, folder or 'tiny' (default {DEFAULT_CLIP})")
+    p.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO ViT model: Hub id, folder or 'tiny' (default {DEFAULT_DINO})")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR,
+                   help=f"Grounding DINO for the subject crops of CP-CLIP and SCR: Hub id, folder, 'tiny', or 'none' to skip"
+                        f" them (default {DEFAULT_DETECTOR})")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export-checkpoint",
+                       help="write a fused model as one .safetensors checkpoint in the original SD layout (A1111, ComfyUI,"
+                            " Forge, from_single_file), with one textual-inversion embedding per concept")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"the base the fused model goes on (default {DEFAULT_BASE})")
+    p.add_argument("--fused", required=True, help="fused model folder (from `fuse`, e.g. <library>/.fused/<hash>)")
+    p.add_argument("--out", required=True, help="checkpoint file X.safetensors; X-embeddings/ and X-README.txt go beside it")
+    p.add_argument("--half", action="store_true", help="write fp16 (half the size; the smallest fused updates lose a few percent)")
+    p.set_defaults(func=cmd_export_checkpoint)
     return parser
 
 

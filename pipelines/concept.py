@@ -31,8 +31,9 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .edlora import check_concept_tensors
+from .edlora import KINDS, check_concept_tensors
 from .errors import UserError
+from .layerwise import WORD_LABELS
 
 WEIGHTS_FILE = "concept.safetensors"
 RECORD_FILE = "concept.json"
@@ -88,16 +89,30 @@ class Concept:
     created: str = ""  # ISO 8601, UTC
     format: str = FORMAT
     is_test_model: bool = False  # trained on the tiny random model: previews are noise
+    # "edlora" (trained here, or imported from Mix-of-Show) or "lora" (an imported LoRA file, pipelines.lora_import)
+    kind: str = "edlora"
+    word_count: int = 2  # words of <name>: V_rand and V_class; an imported LoRA's "trigger class" tokens
+    trigger: str = ""  # an imported LoRA's trigger word(s), e.g. "ohwx"; <name> stands for "trigger class_word"
+    trigger_prompt: str = ""  # an imported LoRA's prompt as trained, e.g. "photo of ohwx dog"; fusion encodes it
+    source_format: str = ""  # an import's key naming: kohya, a1111-ldm, diffusers, diffusers-old, peft, mix-of-show
 
     @property
     def token(self) -> str:
         """How prompts refer to the concept."""
         return f"<{self.name}>"
 
+    @property
+    def concept_prompt(self) -> str:
+        """The trigger prompt with its "trigger class" phrase written as <name> ("" for ED-LoRA)."""
+        if not self.trigger_prompt:
+            return ""
+        return trigger_prompt_to_concept(self.trigger_prompt, self.trigger, self.class_word, self.name)
+
     def to_json(self) -> dict:
         record = asdict(self)
         record["token"] = self.token
-        record["words"] = [f"<{self.name}-r*>", f"<{self.name}-c*>"]  # V_rand, V_class, 16 layer tokens each
+        # V_rand, V_class (or an imported LoRA's phrase tokens), 16 layer tokens each
+        record["words"] = [f"<{self.name}-{label}*>" for label in WORD_LABELS[: self.word_count]]
         return record
 
     @classmethod
@@ -117,7 +132,25 @@ class Concept:
                 raise UserError(f"concept record field {key!r} is {record[key]!r}; expected {'an integer' if kind is int else 'text'}")
         if not isinstance(record.get("settings", {}), dict):
             raise UserError(f"concept record field 'settings' is {record['settings']!r}; expected an object")
+        if record.get("kind", "edlora") not in KINDS:
+            raise UserError(f"concept record field 'kind' is {record['kind']!r}; expected one of {', '.join(KINDS)}")
+        count = record.get("word_count", 2)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(WORD_LABELS):
+            raise UserError(f"concept record field 'word_count' is {count!r}; expected an integer from 1 to {len(WORD_LABELS)}")
         return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def trigger_prompt_to_concept(prompt: str, trigger: str, class_word: str, name: str) -> str:
+    """`prompt` with its first "trigger class_word" phrase (any case and spacing) replaced by <name>.
+
+    Raises UserError when the phrase is not there: the prompt must name the subject as trained.
+    """
+    phrase = r"\s+".join(re.escape(word) for word in f"{trigger} {class_word}".split())
+    match = re.search(rf"(?<![\w<])({phrase})(?![\w>])", prompt, re.IGNORECASE)
+    if match is None:
+        raise UserError(f"trigger prompt {prompt!r} does not name the subject as {trigger + ' ' + class_word!r};"
+                        f" write the trigger word and then the class word, e.g. 'photo of {trigger} {class_word}'")
+    return prompt[: match.start()] + f"<{name}>" + prompt[match.end():]
 
 
 def newer_format_error(what: str, found) -> UserError:
@@ -241,17 +274,27 @@ class ConceptLibrary:
             tensors = load_file(path)
         except (SafetensorError, OSError, ValueError) as error:  # a torn file, a corrupt header
             raise damaged_error(name, f"its {WEIGHTS_FILE} is not a readable .safetensors file ({error})") from None
+        kind = self._kind(name)
         try:
-            check_concept_tensors(tensors)
+            check_concept_tensors(tensors, kind=kind)
         except UserError as error:
             raise damaged_error(name, f"its {WEIGHTS_FILE} is wrong ({error})") from None
         if base is not None:
             try:
-                check_concept_tensors(tensors, base)
+                check_concept_tensors(tensors, base, kind=kind)
             except UserError as error:
                 raise UserError(" ".join(f"concept {name!r} does not fit the base model {base.name}: {error};"
                                          f" use the base it was trained on, or retrain it on this one".split())) from None
         return tensors
+
+    def _kind(self, name: str) -> str:
+        """The record's kind ("edlora" when it does not say, or the record cannot be read)."""
+        try:
+            record = json.loads((self.path(name) / RECORD_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return "edlora"
+        kind = record.get("kind", "edlora") if isinstance(record, dict) else "edlora"
+        return kind if kind in KINDS else "edlora"
 
     def preview_path(self, name: str) -> Path | None:
         path = self.path(name) / PREVIEW_FILE
@@ -262,7 +305,10 @@ class ConceptLibrary:
     def save(self, concept: Concept, tensors: dict[str, torch.Tensor], preview: Image.Image | None = None, overwrite: bool = True) -> Path:
         """Write a concept atomically; an existing one of the same name is replaced only if overwrite."""
         check_name(concept.name)
-        check_concept_tensors(tensors)
+        check_concept_tensors(tensors, kind=concept.kind)
+        if tensors["embeddings"].shape[0] != concept.word_count:
+            raise UserError(f"concept {concept.name!r} has {tensors['embeddings'].shape[0]} words of embeddings but its record"
+                            f" says {concept.word_count}")
         target = self.root / concept.name
         if target.exists() and not overwrite:
             raise UserError(f"concept {concept.name!r} already exists in {self.root}; choose another name or delete it first")
@@ -377,7 +423,7 @@ class ConceptLibrary:
                 f" into a library used with that base model instead"
             )
         preview = tensors.pop("preview", None)
-        check_concept_tensors(tensors, base if hasattr(base, "unet") else None)
+        check_concept_tensors(tensors, base if hasattr(base, "unet") else None, kind=concept.kind)
         concept.name = check_name(name or concept.name)
         image = Image.fromarray(preview.numpy()) if preview is not None else None
         self.save(concept, tensors, image, overwrite=overwrite)

@@ -7,11 +7,17 @@ concept; ED-LoRA adds only what peft lacks, the layer-wise token embeddings (see
 
 Weights file keys: `embeddings` `[2, 16, d]`; `text_encoder.<peft key>` and `unet.<peft key>`, with
 peft's key names (e.g. `...self_attn.q_proj.lora_A.weight`).
+
+An imported LoRA (`lora_import`, record kind "lora") has the same file layout with more freedom:
+embeddings `[words, 16, d]`, LoRA on any linear or 1x1 conv layer (A `[r, in, 1, 1]`, B `[out, r, 1, 1]`),
+ranks per layer, and a text-encoder or UNet part alone. Its adapters go on exactly the layers
+its tensors name; an ED-LoRA concept names exactly the modules of UNET_TARGETS and TEXT_ENCODER_TARGETS.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -20,12 +26,13 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .errors import UserError
-from .layerwise import NUM_LAYERS, WORDS, add_concept_tokens, install_layerwise_attention
+from .layerwise import NUM_LAYERS, WORD_LABELS, WORDS, add_concept_tokens, install_layerwise_attention
 
 LORA_RANK = 4
 # peft matches a string target with re.fullmatch against each module's full name.
 UNET_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+KINDS = ("edlora", "lora")  # a trained ED-LoRA concept; an imported LoRA (pipelines.lora_import)
 
 
 # transformers 5 dropped the `text_model.` level of CLIPTextModel's module names (4.x:
@@ -57,17 +64,22 @@ def text_module_name(text_encoder: torch.nn.Module, name: str) -> str:
     return name
 
 
-def lora_config(targets: str, rank: int = LORA_RANK) -> LoraConfig:
+def lora_config(targets: str | list[str], rank: int = LORA_RANK, rank_pattern: dict[str, int] | None = None) -> LoraConfig:
     """LoRA as Mix-of-Show uses it: output = W0 x + 1.0 * B A x (alpha = rank gives scale 1.0).
 
     peft's default init (A Kaiming-uniform, B zero) is Mix-of-Show's, so step 0 equals the base.
+    `targets`: a regex fullmatched against module names, or a list of module names. `rank_pattern`
+    (escaped module name -> rank) gives some layers another rank, each still at scale 1.0.
     """
-    if rank <= 0:
-        raise UserError(f"LoRA rank must be a positive integer, got {rank}")
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
+    ranks = [rank, *(rank_pattern or {}).values()]
+    if any(r <= 0 for r in ranks):
+        raise UserError(f"LoRA rank must be a positive integer, got {min(ranks)}")
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=True,
+                      rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(rank_pattern or {}))
 
 
-def add_lora(model: torch.nn.Module, adapter: str, targets: str, rank: int = LORA_RANK) -> None:
+def add_lora(model: torch.nn.Module, adapter: str, targets: str | list[str], rank: int = LORA_RANK,
+             rank_pattern: dict[str, int] | None = None) -> None:
     """Add LoRA adapter `adapter` on the modules of `model` matching `targets` (replacing one of that name).
 
     peft's `inject_adapter_in_model` works the same on diffusers and transformers models.
@@ -75,7 +87,7 @@ def add_lora(model: torch.nn.Module, adapter: str, targets: str, rank: int = LOR
     remove_lora(model, adapter)
     with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(lora_config(targets, rank), model, adapter_name=adapter)
+        inject_adapter_in_model(lora_config(targets, rank, rank_pattern), model, adapter_name=adapter)
 
 
 def remove_lora(model: torch.nn.Module, adapter: str) -> None:
@@ -174,9 +186,47 @@ def lora_rank_of(tensors: dict[str, torch.Tensor]) -> int:
     return ranks.pop()
 
 
-def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None) -> None:
+def lora_ranks(part: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Module name -> LoRA rank, for the `<module>.lora_A.weight` keys of one model's tensors."""
+    return {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in part.items() if k.endswith(".lora_A.weight")}
+
+
+def _check_pairs(tensors: dict[str, torch.Tensor]) -> None:
+    """Every LoRA layer has an A and a B of one rank, both 2-d (linear) or both 1x1 4-d (conv)."""
+    for key, down in tensors.items():
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            if key != "embeddings":
+                raise UserError(f"concept tensor {key!r} is not a LoRA factor (expected <layer>.lora_A.weight or .lora_B.weight)")
+            continue
+        if not key.endswith(".lora_A.weight"):
+            if key.replace(".lora_B.", ".lora_A.") not in tensors:
+                raise UserError(f"concept tensor {key!r} has no lora_A partner")
+            continue
+        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            raise UserError(f"concept tensor {key!r} has no lora_B partner")
+        conv = down.ndim == 4 and tuple(down.shape[2:]) == (1, 1) and up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
+        if not (conv or (down.ndim == 2 and up.ndim == 2)) or up.shape[1] != down.shape[0]:
+            raise UserError(f"concept tensors of {key[: -len('.lora_A.weight')]!r} have shapes {tuple(down.shape)} (A) and"
+                            f" {tuple(up.shape)} (B); expected [r, in] and [out, r], or [r, in, 1, 1] and [out, r, 1, 1]")
+
+
+def base_layer_shape(module: torch.nn.Module | None) -> tuple[int, int, bool] | None:
+    """(in, out, is 1x1 conv) of a layer LoRA can adapt, a linear or 1x1 conv (or its peft wrapper); else None."""
+    layer = getattr(module, "base_layer", module)
+    if isinstance(layer, torch.nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
+        return layer.in_channels, layer.out_channels, True
+    return None
+
+
+def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None, kind: str | None = "edlora") -> None:
     """Structural checks of a concept's tensors; with `base`, also that every shape fits it.
 
+    `kind` is the record's: "edlora" needs embeddings [2, 16, d], one rank and both LoRA parts;
+    "lora" (an imported LoRA) allows [words, 16, d], a rank per layer, 1x1 conv layers and one part
+    alone; None checks only what both share (apply_concept: the library checked the file's kind).
     Raises UserError naming the first tensor that does not fit.
     """
     embeddings, text, unet = split_state_dict(tensors)
@@ -185,16 +235,26 @@ def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None) -> None:
             raise UserError(f"concept tensor {key!r} has dtype {value.dtype}; expected floating point")
         if not torch.isfinite(value).all():
             raise UserError(f"concept tensor {key!r} contains NaN or infinity")
-    if embeddings.ndim != 3 or embeddings.shape[:2] != (len(WORDS), NUM_LAYERS):
-        raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; expected [2, 16, d]")
+    words = range(len(WORDS), len(WORDS) + 1) if kind == "edlora" else range(1, len(WORD_LABELS) + 1)
+    if embeddings.ndim != 3 or embeddings.shape[0] not in words or embeddings.shape[1] != NUM_LAYERS:
+        raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; expected [2, 16, d]"
+                        f"{'' if kind == 'edlora' else f' (an imported LoRA: [words, 16, d], 1 to {len(WORD_LABELS)} words)'}")
     unknown = [k for k in tensors if k != "embeddings" and not k.startswith(("text_encoder.", "unet."))]
     if unknown:
         raise UserError(f"concept file has unexpected tensors, e.g. {unknown[0]!r}")
-    if not text or not unet:
-        raise UserError("concept file lacks its text-encoder or UNet LoRA tensors")
-    rank = lora_rank_of(tensors)
-    if base is None:
-        return
+    if kind == "edlora":
+        if not text or not unet:
+            raise UserError("concept file lacks its text-encoder or UNet LoRA tensors")
+        lora_rank_of(tensors)
+    elif not text and not unet:
+        raise UserError("concept file holds no LoRA tensors")
+    if base is not None:
+        _check_fits_base(tensors, base)
+    _check_pairs(tensors)
+
+
+def _check_fits_base(tensors: dict[str, torch.Tensor], base) -> None:
+    """Every tensor fits `base`: the embedding width, and each LoRA factor's layer and shape."""
     embeddings, text, unet = split_state_dict(keys_for_model(tensors, base.text_encoder))
     dim = base.text_encoder.get_input_embeddings().weight.shape[1] if hasattr(base.text_encoder, "get_input_embeddings") else None
     if dim is not None and embeddings.shape[2] != dim:
@@ -203,13 +263,38 @@ def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None) -> None:
         modules = dict(model.named_modules())
         for key, value in part.items():
             module_name = key.rsplit(".lora_", 1)[0]
-            module = modules.get(module_name) or modules.get(module_name + ".base_layer")
-            linear = getattr(module, "base_layer", module)
-            if linear is None or not hasattr(linear, "in_features"):
+            module = modules.get(module_name)
+            if module is None:
                 raise UserError(f"concept tensor {prefix}.{key} names a layer this base model does not have")
-            expected = (rank, linear.in_features) if ".lora_A." in key else (linear.out_features, rank)
+            shape = base_layer_shape(module)
+            if shape is None:
+                layer = getattr(module, "base_layer", module)
+                raise UserError(f"concept tensor {prefix}.{key} adapts a {type(layer).__name__}"
+                                f"{f' with kernel {layer.kernel_size}' if isinstance(layer, torch.nn.Conv2d) else ''};"
+                                f" LoRA layers must be linear or 1x1 conv layers")
+            in_features, out_features, conv = shape
+            if value.ndim != (4 if conv else 2):
+                raise UserError(f"concept tensor {prefix}.{key} has shape {tuple(value.shape)}; this base's layer needs"
+                                f" {'[r, in, 1, 1] / [out, r, 1, 1] (a 1x1 conv)' if conv else '[r, in] / [out, r] (a linear)'}")
+            rank = value.shape[0] if ".lora_A." in key else value.shape[1]
+            expected = (rank, in_features) if ".lora_A." in key else (out_features, rank)
+            expected = expected + (1, 1) if conv else expected
             if tuple(value.shape) != expected:
                 raise UserError(f"concept tensor {prefix}.{key} has shape {tuple(value.shape)}; this base needs {expected}")
+
+
+def targets_of(part: dict[str, torch.Tensor]) -> tuple[list[str], int, dict[str, int]]:
+    """(module names, most common rank, escaped name -> rank of the others) of one model's LoRA tensors.
+
+    The adapter goes on exactly the layers the tensors name: for an ED-LoRA concept those are the
+    modules UNET_TARGETS / TEXT_ENCODER_TARGETS match, for an imported LoRA whatever it adapts.
+    """
+    ranks = lora_ranks(part)
+    counts = {r: list(ranks.values()).count(r) for r in ranks.values()}
+    rank = max(sorted(counts), key=counts.get)
+    # peft matches pattern keys as regexes ending at a module name: escaped full names match one module
+    pattern = {re.escape(module): r for module, r in ranks.items() if r != rank}
+    return sorted(ranks), rank, pattern
 
 
 def apply_concept(base, name: str, tensors: dict[str, torch.Tensor], lora_scale: float = 1.0) -> None:
@@ -221,13 +306,16 @@ def apply_concept(base, name: str, tensors: dict[str, torch.Tensor], lora_scale:
     digest = tensors_digest(tensors, lora_scale)
     if base.loaded_concepts.get(name) == digest:
         return  # already loaded with these weights and scale: re-injecting costs seconds at SD size
-    check_concept_tensors(tensors, base)
+    check_concept_tensors(tensors, base, kind=None)
     embeddings, text, unet = split_state_dict(keys_for_model(tensors, base.text_encoder))
     ensure_layerwise(base)
     add_concept_tokens(base.tokenizer, base.text_encoder, name, embeddings)
-    rank = lora_rank_of(tensors)
-    for model, part, targets in ((base.text_encoder, text, TEXT_ENCODER_TARGETS), (base.unet, unet, UNET_TARGETS)):
-        add_lora(model, name, targets, rank)
+    for model, part in ((base.text_encoder, text), (base.unet, unet)):
+        remove_lora(model, name)
+        if not part:  # an imported LoRA of the UNet (or text encoder) alone
+            continue
+        targets, rank, rank_pattern = targets_of(part)
+        add_lora(model, name, targets, rank, rank_pattern)
         scaled = {k: (v * lora_scale if ".lora_B." in k else v).to(base.device, torch.float32) for k, v in part.items()}
         result = set_peft_model_state_dict(model, scaled, adapter_name=name)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]

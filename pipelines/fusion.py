@@ -22,13 +22,18 @@ images, at 1e-4 to 1e-2 they keep the pets.
 The Grams are accumulated by forward hooks while the activations stream by; activations are never
 stored. Inputs follow Mix-of-Show:
   1. text encoder (q/k/v/out_proj): concept i's own model on "photo of a <c>" and "<c>", all 16
-     layer-wise variants, unpadded;
+     layer-wise variants, unpadded (an imported LoRA: its own trigger prompt in place of the first);
   2. UNet cross-attention to_k/to_v of layer l: outputs of the *fused* text encoder for the same
      prompts (variant l), at the concept-token and end-of-text positions;
   3. the other UNet LoRA layers (attn1 q/k/v/out, attn2 q/out): one 20-step DPM-Solver++ sample per
      concept (no CFG) with the fused text encoder and K/V, and concept i's own LoRA on these layers,
      every step recorded.
 Token embeddings are not fused: each concept keeps its own tokens.
+
+Imported LoRAs (`lora_import`) may adapt more layers (CLIP's MLP, the UNet's feed-forward and
+proj_in/proj_out); a concept without a LoRA on a layer has dW_i = 0 there, and its inputs still count.
+proj_in/proj_out are 1x1 convs in SD1.5: a 1x1 conv is a linear layer applied to every pixel, so its
+Gram sums over pixels (`GramRecorder`) and its weight `[out, in, 1, 1]` is solved as `[out, in]`.
 
 The weight-average baseline (`method="weight"`, Mix-of-Show Eq. 2) is W = W0 + sum_i w_i dW_i, w_i = 1/n.
 
@@ -59,8 +64,8 @@ from safetensors.torch import load_file, save_file
 
 from .base import BaseModel
 from .errors import Cancelled, UserError
-from .layerwise import (NUM_LAYERS, add_concept_tokens, concept_tokens, cross_attention_layers, encode_layerwise, expand_prompt,
-                        install_layerwise_attention)
+from .layerwise import (NUM_LAYERS, add_concept_tokens, concept_tokens, concept_words, cross_attention_layers, encode_layerwise,
+                        expand_prompt, install_layerwise_attention)
 from .edlora import apply_concept, canonical_keys, keys_for_model, lora_layers, set_active_adapters, text_module_name
 
 METHODS = ("gradient", "weight")
@@ -166,19 +171,30 @@ def input_group(module_name: str) -> str:
     return module_name
 
 
+def is_conv(module: torch.nn.Module) -> bool:
+    """A (peft-wrapped) Conv2d: its input is [B, C, H, W], channels first."""
+    return isinstance(getattr(module, "base_layer", module), torch.nn.Conv2d)
+
+
 class GramRecorder:
-    """Accumulates G = sum_rows x^T x of the inputs of chosen layers, one Gram per input group."""
+    """Accumulates G = sum_rows x^T x of the inputs of chosen layers, one Gram per input group.
+
+    Rows are tokens for a linear layer ([..., in]) and pixels for a 1x1 conv ([B, in, H, W]).
+    """
 
     def __init__(self, modules: dict[str, torch.nn.Module]):
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self._handles = []
         for group, name in {input_group(n): n for n in sorted(modules)}.items():
-            self._handles.append(modules[name].register_forward_pre_hook(self._hook(group)))
+            self._handles.append(modules[name].register_forward_pre_hook(self._hook(group, is_conv(modules[name]))))
 
-    def _hook(self, group: str):
+    def _hook(self, group: str, channels_first: bool = False):
         def record(module, args, kwargs=None):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach()
+            if channels_first:  # a 1x1 conv: one row per pixel
+                x = x.movedim(1, -1)
+            x = x.reshape(-1, x.shape[-1]).float()
             gram = x.T @ x
             if group in self.grams:
                 self.grams[group] += gram
@@ -210,17 +226,19 @@ def recording(modules: dict[str, torch.nn.Module]):
 
 
 def concept_deltas(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """dW = B A (LoRA scale 1.0, alpha = rank) of every LoRA'd module under `prefix`, float64."""
+    """dW = B A (LoRA scale 1.0, alpha = rank) of every LoRA'd module under `prefix`, float64, `[out, in]`
+    (a 1x1 conv's `[out, r, 1, 1]` and `[r, in, 1, 1]` factors as matrices)."""
     deltas = {}
     for key, down in tensors.items():
         if key.startswith(prefix + ".") and key.endswith(".lora_A.weight"):
             module = key[len(prefix) + 1 : -len(".lora_A.weight")]
             up = tensors[key.replace(".lora_A.", ".lora_B.")]
-            deltas[module] = up.double() @ down.double()
+            deltas[module] = up.flatten(1).double() @ down.flatten(1).double()
     return deltas
 
 
-def linear_of(model: torch.nn.Module, name: str) -> torch.nn.Linear:
+def linear_of(model: torch.nn.Module, name: str) -> torch.nn.Linear | torch.nn.Conv2d:
+    """The base layer (a linear, or an imported LoRA's 1x1 conv) of a LoRA'd module."""
     module = model.get_submodule(name)
     return getattr(module, "base_layer", module)
 
@@ -237,8 +255,10 @@ def _encode_unpadded(base: BaseModel, texts: list[str]) -> tuple[torch.Tensor, t
     return ids, base.text_encoder(ids)[0]
 
 
-def fusion_prompts(name: str) -> list[str]:
-    return [f"photo of a <{name}>", f"<{name}>"]
+def fusion_prompts(name: str, concept_prompt: str = "") -> list[str]:
+    """Mix-of-Show's two prompts of a concept; an imported LoRA's trigger prompt (`Concept.concept_prompt`,
+    its "trigger class" written as <name>) replaces the first."""
+    return [concept_prompt or f"photo of a <{name}>", f"<{name}>"]
 
 
 def _apply_updates(model: torch.nn.Module, updates: dict[str, torch.Tensor]) -> None:
@@ -248,6 +268,7 @@ def _apply_updates(model: torch.nn.Module, updates: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         for name, update in updates.items():
             linear = linear_of(model, name)
+            update = update.reshape(linear.weight.shape)  # a 1x1 conv's update may come as [out, in]
             weight = linear.weight.detach().float() + update.to(linear.weight.device, torch.float32)
             linear.weight.copy_(weight.to(linear.weight.dtype))
 
@@ -299,8 +320,10 @@ def cache_key(base: BaseModel, library, names: list[str], config: FusionConfig) 
     """
     digest = hashlib.sha256(f"{base.name}|{base.fingerprint}|{json.dumps(asdict(config), sort_keys=True)}".encode())
     for name in sorted(names):
-        library.get(name)  # unknown: "unknown concept ... (known: ...)", not a missing file
+        record = library.get(name)  # unknown: "unknown concept ... (known: ...)", not a missing file
         digest.update(name.encode())
+        if record.concept_prompt:  # an imported LoRA's trigger prompt feeds the fusion (ED-LoRA keys stay as they were)
+            digest.update(record.concept_prompt.encode())
         with open(library.path(name) / "concept.safetensors", "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -320,7 +343,8 @@ def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], 
     fused, report, pinvs = {}, {}, {}
     for name, w0 in w0s.items():
         group = input_group(name)
-        layer_deltas = [d[name].to(device) for d in deltas]
+        # a concept without a LoRA on this layer (imported LoRAs adapt more layers) wants W0 there: dW_i = 0
+        layer_deltas = [d[name].to(device) if name in d else torch.zeros_like(w0, device=device) for d in deltas]
         layer_grams = [g[group].to(device) for g in grams]
         w0 = w0.to(device).double()
         average = weight_average(w0, layer_deltas)
@@ -342,10 +366,10 @@ def _fuse_into(base: BaseModel, model: torch.nn.Module, prefix: str, layers: lis
                grams: list[dict], config: FusionConfig, reports: dict) -> dict[str, torch.Tensor]:
     """Solve `layers` of `model`, write the fused weights into it, add their report rows; returns
     the float32 updates W - W0."""
-    w0 = {n: linear_of(model, n).weight.detach().float().cpu() for n in layers}
+    w0 = {n: linear_of(model, n).weight.detach().float().cpu().flatten(1) for n in layers}  # a 1x1 conv as [out, in]
     fused, report = _solve(w0, deltas, grams, config, base.device)
     reports.update({f"{prefix}.{k}": v for k, v in report.items()})
-    updates = {n: (fused[n].cpu() - w0[n].double()).float() for n in layers}
+    updates = {n: (fused[n].cpu() - w0[n].double()).float().reshape(linear_of(model, n).weight.shape) for n in layers}
     _apply_updates(model, updates)
     return updates
 
@@ -410,9 +434,13 @@ def fuse_concepts(
     install_layerwise_attention(base.unet)
     text_deltas = [concept_deltas(t, "text_encoder") for t in tensors]
     unet_deltas = [concept_deltas(t, "unet") for t in tensors]
-    text_layers = sorted(text_deltas[0])
-    kv_layers = sorted(n for n in unet_deltas[0] if input_group(n).endswith(".kv"))
-    spatial_layers = sorted(n for n in unet_deltas[0] if n not in kv_layers)
+    prompts = {r.name: fusion_prompts(r.name, r.concept_prompt) for r in records}
+    words = {name: concept_words(base.text_encoder)[name] for name in names}  # for expand_prompt
+    # every layer any concept adapts (ED-LoRA concepts all adapt the same ones; imported LoRAs vary)
+    text_layers = sorted(set().union(*text_deltas))
+    unet_layers = sorted(set().union(*unet_deltas))
+    kv_layers = [n for n in unet_layers if input_group(n).endswith(".kv")]
+    spatial_layers = [n for n in unet_layers if n not in kv_layers]
     total = 3 * len(names) + 3
     done = 0
 
@@ -423,7 +451,7 @@ def fuse_concepts(
             callback(stage, done, total)
 
     reports: dict[str, dict] = {}
-    signature = base_signature(base, [f"text_encoder.{n}" for n in text_layers] + [f"unet.{n}" for n in unet_deltas[0]])
+    signature = base_signature(base, [f"text_encoder.{n}" for n in text_layers] + [f"unet.{n}" for n in unet_layers])
     with torch.no_grad():
         # 2. Text encoder: each concept's own model on its two prompts, 16 variants each, unpadded
         text_modules = {n: base.text_encoder.get_submodule(n) for n in text_layers}
@@ -432,8 +460,8 @@ def fuse_concepts(
             _check_cancel(cancel)
             set_active_adapters(base.text_encoder, [name])
             with recording(text_modules) as recorder:
-                for prompt in fusion_prompts(name):
-                    _encode_unpadded(base, [expand_prompt(prompt, layer, set(names)) for layer in range(NUM_LAYERS)])
+                for prompt in prompts[name]:
+                    _encode_unpadded(base, [expand_prompt(prompt, layer, words) for layer in range(NUM_LAYERS)])
                 text_grams.append({k: v.cpu().double() for k, v in recorder.grams.items()})
             progress(f"text encoder inputs of <{name}>")
         set_active_adapters(base.text_encoder, [])
@@ -443,15 +471,15 @@ def fuse_concepts(
         # 3. UNet cross-attention K/V: fused text encoder outputs at concept tokens and end-of-text
         attn2 = [name.rsplit(".", 1)[0] for name in kv_layers if name.endswith("to_k")]
         order = [n for n, _ in cross_attention_layers(base.unet)]
-        if sorted(attn2) != sorted(order):
-            raise UserError("the concepts' LoRA layers do not cover the 16 cross-attention layers of this UNet")
+        if not set(attn2) <= set(order):
+            raise UserError("the concepts' LoRA layers do not match the 16 cross-attention layers of this UNet")
         kv_grams = []
         for name in names:
             _check_cancel(cancel)
-            ids_of_concept = set(base.tokenizer.convert_tokens_to_ids(concept_tokens(name)))
+            ids_of_concept = set(base.tokenizer.convert_tokens_to_ids(concept_tokens(name, words[name])))
             grams: dict[str, torch.Tensor] = {}
-            for prompt in fusion_prompts(name):
-                ids, hidden = _encode_unpadded(base, [expand_prompt(prompt, layer, set(names)) for layer in range(NUM_LAYERS)])
+            for prompt in prompts[name]:
+                ids, hidden = _encode_unpadded(base, [expand_prompt(prompt, layer, words) for layer in range(NUM_LAYERS)])
                 for layer, module_name in enumerate(order):
                     layer_ids = ids[layer].tolist()
                     keep = [i for i, token in enumerate(layer_ids) if token in ids_of_concept]
@@ -479,7 +507,7 @@ def fuse_concepts(
                     layer.enable_adapters(False)
             scheduler = make_scheduler("dpm++", base.scheduler_config)
             scheduler.set_timesteps(config.spatial_steps, device=base.device)
-            context = encode_layerwise(base.tokenizer, base.text_encoder, [fusion_prompts(name)[0]]).to(base.dtype)
+            context = encode_layerwise(base.tokenizer, base.text_encoder, [prompts[name][0]]).to(base.dtype)
             generator = torch.Generator("cpu").manual_seed(config.seed + index)
             latents = torch.randn((1, base.unet.config.in_channels, size, size), generator=generator).to(base.device)
             latents = latents * scheduler.init_noise_sigma

@@ -44,7 +44,7 @@ from PIL import Image
 
 from .base import TEST_MODEL_NOTE, BaseModel
 from .errors import Cancelled, UserError
-from .layerwise import concepts_in, encode_layerwise, expand_prompt, install_layerwise_attention, known_concepts
+from .layerwise import concept_words, concepts_in, encode_layerwise, expand_prompt, install_layerwise_attention
 from .performance import unet_forward
 from .sample import DEFAULT_NEGATIVE_PROMPT, decode_latents, denoise, initial_latents, make_scheduler
 
@@ -354,12 +354,12 @@ def row_lora_factors(layer, row_adapters: list[str]) -> tuple[torch.Tensor | Non
     if not names:
         return None, None
     rank = max(layer.lora_A[n].weight.shape[0] for n in names)
-    weight = layer.get_base_layer().weight
+    weight = layer.get_base_layer().weight.flatten(1)  # an imported LoRA's 1x1 conv [out, in, 1, 1] as [out, in]
     down = torch.zeros(len(row_adapters), rank, weight.shape[1], device=weight.device)
     up = torch.zeros(len(row_adapters), weight.shape[0], rank, device=weight.device)
     for row, name in enumerate(row_adapters):
         if name in names:
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            a, b = layer.lora_A[name].weight.flatten(1), layer.lora_B[name].weight.flatten(1)
             down[row, : a.shape[0]] = a.float()
             up[row, :, : b.shape[1]] = b.float() * layer.scaling[name]
     return down, up
@@ -367,8 +367,11 @@ def row_lora_factors(layer, row_adapters: list[str]) -> tuple[torch.Tensor | Non
 
 def _row_lora_hook(down: torch.Tensor, up: torch.Tensor):
     def add_lora(module, args, output):
-        x = args[0]  # [rows, L, in]
-        delta = torch.bmm(torch.bmm(x.float(), down.transpose(1, 2)), up.transpose(1, 2))  # [rows, L, out]
+        x = args[0]  # [rows, L, in], or [rows, in, H, W] into a 1x1 conv (a linear over pixels)
+        pixels = x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+        delta = torch.bmm(torch.bmm(pixels.float(), down.transpose(1, 2)), up.transpose(1, 2))  # [rows, L, out]
+        if x.ndim == 4:
+            delta = delta.transpose(1, 2).reshape(output.shape)
         return output + delta.to(output.dtype)
 
     return add_lora
@@ -633,7 +636,7 @@ def sample_layout(base: BaseModel, config: IsolateConfig, context: torch.Tensor,
         bias = self_attention_biases(list(config.boxes), width, height, height // factor, width // factor, base.device, base.dtype)
         if config.layout_cross_attention != "off":
             # positions in the prompt as encoded (a concept's <name> becomes its two tokens; every layer's copy aligns)
-            encoded_prompt = expand_prompt(config.prompt, 0, set(known_concepts(base.text_encoder)))
+            encoded_prompt = expand_prompt(config.prompt, 0, concept_words(base.text_encoder))
             words = label_word_positions(base.tokenizer, encoded_prompt, [s.label for s in config.subjects])
             cross_bias = cross_attention_biases(list(config.boxes), words, base.tokenizer.model_max_length, width, height,
                                                 height // factor, width // factor, base.device, base.dtype,

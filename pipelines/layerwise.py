@@ -3,7 +3,8 @@
 A concept is two new words, V_rand and V_class, each with one embedding per UNet cross-attention
 layer (16 in SD1.5: 6 down, 1 mid, 9 up, in that order). A prompt that names a concept, written
 `<mochi>`, is encoded 16 times; in copy l the concept becomes its two layer-l tokens. Cross-attention
-layer l then reads copy l.
+layer l then reads copy l. An imported LoRA (`lora_import`) is a concept of n words, the tokens of
+its "trigger class" phrase, with the same vectors in all 16 layers.
 
 Layout: the 16 encodings travel through the UNet as one tensor `[B, 16 * 77, d]` (copy l is the
 sequence slice `l*77 : (l+1)*77`), and `LayerwiseAttnProcessor` on layer l takes its slice. The
@@ -23,6 +24,9 @@ from .errors import UserError
 
 NUM_LAYERS = 16  # cross-attention layers of the SD1.5 UNet
 WORDS = ("r", "c")  # V_rand, V_class
+# One letter per word of a concept: ED-LoRA's V_rand and V_class, then the further words of an
+# imported LoRA's "trigger class" phrase (`<name-a3>` is word 2 in layer 3), at most 26 words.
+WORD_LABELS = "rcabdefghijklmnopqstuvwxyz"
 # `<mochi>`; `<Mochi>` means the same concept (names are lowercase; CLIP lowercases all text anyway)
 CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]*)>", re.IGNORECASE)
 
@@ -31,12 +35,12 @@ CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]*)>", re.IGNORECASE)
 # Tokens and prompts
 
 
-def concept_tokens(name: str) -> list[str]:
-    """The 32 tokenizer tokens of a concept, word-major: V_rand layers 0..15, then V_class 0..15."""
-    return [f"<{name}-{word}{layer}>" for word in WORDS for layer in range(NUM_LAYERS)]
+def concept_tokens(name: str, words: int = len(WORDS)) -> list[str]:
+    """The 16 * words tokenizer tokens of a concept, word-major: V_rand layers 0..15, then V_class 0..15, ..."""
+    return [f"<{name}-{word}{layer}>" for word in WORD_LABELS[:words] for layer in range(NUM_LAYERS)]
 
 
-CONCEPT_TOKEN_OF_LAYER = re.compile(r"<[a-z0-9][a-z0-9_-]*-[rc]([1-9]|1[0-5])>")  # a concept token of layers 1-15
+CONCEPT_TOKEN_OF_LAYER = re.compile(r"<[a-z0-9][a-z0-9_-]*-[a-z]([1-9]|1[0-5])>")  # a concept token of layers 1-15
 
 
 def concepts_in(prompt: str) -> list[str]:
@@ -48,14 +52,19 @@ def concepts_in(prompt: str) -> list[str]:
     return names
 
 
-def expand_prompt(prompt: str, layer: int, known: set[str] | dict) -> str:
-    """Copy `layer` of a prompt: each `<name>` becomes its two layer-`layer` tokens."""
+def expand_prompt(prompt: str, layer: int, known: set[str] | dict[str, int]) -> str:
+    """Copy `layer` of a prompt: each `<name>` becomes its layer-`layer` tokens, one per word.
+
+    `known` names the loaded concepts: a set (two words each, ED-LoRA) or name -> word count
+    (`concept_words`, which also knows imported LoRAs' longer phrases).
+    """
 
     def replace(match: re.Match) -> str:
         name = match.group(1).lower()
         if name not in known:
             raise UserError(f"unknown concept <{name}> in prompt {prompt!r}; known: {', '.join(sorted(known)) or 'none'}")
-        return f"<{name}-r{layer}> <{name}-c{layer}>"
+        words = known[name] if isinstance(known, dict) else len(WORDS)
+        return " ".join(f"<{name}-{word}{layer}>" for word in WORD_LABELS[:words])
 
     return CONCEPT_REF.sub(replace, prompt)
 
@@ -65,7 +74,7 @@ def expand_prompt(prompt: str, layer: int, known: set[str] | dict) -> str:
 
 
 class ConceptTokenTable(nn.Module):
-    """CLIP's token embedding plus one `[2, 16, d]` block of vectors per concept.
+    """CLIP's token embedding plus one `[words, 16, d]` block of vectors per concept (2 words for ED-LoRA).
 
     It replaces the text encoder's input embeddings (`set_input_embeddings`). The base table stays frozen and untouched;
     concept vectors live in their own parameters (trainable in training, fp32), so no optimizer
@@ -77,7 +86,7 @@ class ConceptTokenTable(nn.Module):
         super().__init__()
         self.base_table = base_table
         self.base_vocab = base_table.num_embeddings
-        self.concept_vectors = nn.ParameterDict()  # name -> [2, 16, d]
+        self.concept_vectors = nn.ParameterDict()  # name -> [words, 16, d]
         self.order: list[str] = []  # names in token-id order
 
     @property
@@ -88,7 +97,7 @@ class ConceptTokenTable(nn.Module):
         embeds = self.base_table(input_ids.clamp(max=self.base_vocab - 1))
         if not self.order:
             return embeds
-        extra = torch.cat([self.concept_vectors[name].flatten(0, 1) for name in self.order])  # [32 n, d]
+        extra = torch.cat([self.concept_vectors[name].flatten(0, 1) for name in self.order])  # [16 * all words, d]
         rows = (input_ids - self.base_vocab).clamp(0, extra.shape[0] - 1)
         is_base = (input_ids < self.base_vocab).unsqueeze(-1)
         return torch.where(is_base, embeds, extra[rows].to(embeds.dtype))
@@ -104,23 +113,29 @@ def token_table(text_encoder: nn.Module) -> ConceptTokenTable:
 
 
 def add_concept_tokens(tokenizer, text_encoder: nn.Module, name: str, vectors: torch.Tensor) -> nn.Parameter:
-    """Register concept `name` with its `[2, 16, d]` vectors; returns the (fp32) parameter.
+    """Register concept `name` with its `[words, 16, d]` vectors (2 words for ED-LoRA); returns the (fp32) parameter.
 
     Adding a name that is already there replaces its vectors and keeps its token ids.
     """
     table = token_table(text_encoder)
     dim = table.base_table.embedding_dim
-    if tuple(vectors.shape) != (len(WORDS), NUM_LAYERS, dim):
-        raise UserError(f"concept <{name}> has embeddings of shape {tuple(vectors.shape)}, this base needs {(len(WORDS), NUM_LAYERS, dim)}")
+    words = vectors.shape[0] if vectors.ndim == 3 else 0
+    if vectors.ndim != 3 or not 1 <= words <= len(WORD_LABELS) or tuple(vectors.shape[1:]) != (NUM_LAYERS, dim):
+        raise UserError(f"concept <{name}> has embeddings of shape {tuple(vectors.shape)}, this base needs {(len(WORDS), NUM_LAYERS, dim)}"
+                        f" (an imported LoRA: 1 to {len(WORD_LABELS)} words instead of {len(WORDS)})")
+    if name in table.order and table.concept_vectors[name].shape[0] != words:
+        raise UserError(f"concept <{name}> was loaded into this base with {table.concept_vectors[name].shape[0]} words and now has"
+                        f" {words}; load the base model again to use it")
     param = nn.Parameter(vectors.detach().to(table.base_table.weight.device, torch.float32).clone())
     if name not in table.order:
-        if len(tokenizer) != table.base_vocab + 2 * NUM_LAYERS * len(table.order):
+        if len(tokenizer) != table.base_vocab + NUM_LAYERS * sum(concept_words(text_encoder).values()):
             raise UserError("the tokenizer and the text encoder disagree on the vocabulary size; reload the base model")
-        tokenizer.add_tokens(concept_tokens(name))
+        tokenizer.add_tokens(concept_tokens(name, words))
         table.order.append(name)
-    ids = tokenizer.convert_tokens_to_ids(concept_tokens(name))
-    first = table.base_vocab + 2 * NUM_LAYERS * table.order.index(name)
-    if ids != list(range(first, first + 2 * NUM_LAYERS)):
+    ids = tokenizer.convert_tokens_to_ids(concept_tokens(name, words))
+    earlier = table.order[: table.order.index(name)]
+    first = table.base_vocab + NUM_LAYERS * sum(table.concept_vectors[n].shape[0] for n in earlier)
+    if ids != list(range(first, first + words * NUM_LAYERS)):
         raise RuntimeError(f"token ids of <{name}> are not contiguous from {first}: {ids[:3]}...")
     table.concept_vectors[name] = param
     return param
@@ -129,6 +144,14 @@ def add_concept_tokens(tokenizer, text_encoder: nn.Module, name: str, vectors: t
 def known_concepts(text_encoder: nn.Module) -> list[str]:
     table = text_encoder.get_input_embeddings()
     return list(table.order) if isinstance(table, ConceptTokenTable) else []
+
+
+def concept_words(text_encoder: nn.Module) -> dict[str, int]:
+    """Loaded concept name -> its number of words (2 for ED-LoRA), in token-id order; for `expand_prompt`."""
+    table = text_encoder.get_input_embeddings()
+    if not isinstance(table, ConceptTokenTable):
+        return {}
+    return {name: table.concept_vectors[name].shape[0] for name in table.order if name in table.concept_vectors}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +188,7 @@ def encode_layerwise(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> 
     A prompt without concepts is encoded once and repeated (the 16 copies are identical), which is
     also how the negative prompt is treated in Mix-of-Show.
     """
-    known = set(known_concepts(text_encoder))
+    known = concept_words(text_encoder)
     device = text_encoder.device
     texts: list[str] = []
     for prompt in prompts:

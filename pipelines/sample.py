@@ -196,7 +196,7 @@ def sample_loaded(
 
 def _sample_loaded(base, config, callback, cancel, regions, width, height, plan, layout=NO_LAYOUT) -> list[Image.Image]:
     """`sample_loaded` once sizes are checked and the memory plan is in place."""
-    from .layerwise import cross_attention_layers, known_concepts
+    from .layerwise import concept_words, cross_attention_layers
     from .layout import (BoundedGuidance, BoxBootstrap, check_layout_control, cond_half_kwargs, plain_colour_latents,
                          self_attention_biases, subject_token_masks, subject_word_positions)
     from .regional import check_regions, install_regional_attention, precompute_region_kv, region_masks, regional_context
@@ -233,7 +233,7 @@ def _sample_loaded(base, config, callback, cancel, regions, width, height, plan,
                                  layout.centre, config.guidance)
     guide = None
     if layout_steps["guidance"]:
-        known = set(known_concepts(base.text_encoder))
+        known = concept_words(base.text_encoder)
         guide_kwargs = cond_half_kwargs(kwargs, config.num_images)
         if bias is not None:
             guide_kwargs["self_attention_bias"] = bias

@@ -181,6 +181,18 @@ def _load(device: str):
     return base
 
 
+def single_pet_sample(work: Path, device: str) -> list[Pet]:
+    """The pets single-concept studies judge on: stock rex, bolt and mimi and 8 random pets
+    (seed RANDOM_SEED), each trained into work/train/today/<pet>/ with the "today" recipe
+    (a pet already there is reused)."""
+    from bench.toyworld.evaluate import PET_STEPS
+
+    pets = [PETS_BY_NAME[n] for n in ("rex", "bolt", "mimi")] + list(random_pets(RANDOM_SEED, 8))
+    for pet in pets:
+        train_job(work, "today", pet, PET_STEPS, device)
+    return pets
+
+
 def train_job(work: Path, variant: str, pet: Pet, steps: int, device: str, stored: bool = False) -> dict:
     from bench.toyworld.evaluate import ROOT, train_pet
     from pipelines.concept import ConceptLibrary

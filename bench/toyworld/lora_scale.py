@@ -16,9 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.toyworld.evaluate import PET_STEPS, identity_rate, load_world
-from bench.toyworld.layout_eval import RANDOM_SEED, train_job
-from bench.toyworld.world import PETS_BY_NAME, random_pets
+from bench.toyworld.evaluate import identity_rate, load_world
+from bench.toyworld.layout_eval import single_pet_sample
+from bench.toyworld.world import PETS_BY_NAME
 from pipelines.concept import ConceptLibrary
 
 SCALES = (0.7, 1.0)
@@ -31,10 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    pets = [PETS_BY_NAME[n] for n in ("rex", "bolt", "mimi")] + list(random_pets(RANDOM_SEED, 8))
+    pets = single_pet_sample(work, args.device)
     results = {"samples": args.samples, "scales": SCALES, "pets": {}}
-    for pet in pets:
-        train_job(work, "today", pet, PET_STEPS, args.device)  # no-op where the pet is already trained
     base, oracle = load_world(args.device)
     for pet in pets:
         library = ConceptLibrary(work / "train" / "today" / pet.name)

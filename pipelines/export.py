@@ -1,0 +1,223 @@
+"""Export a concept for A1111, Forge and ComfyUI: a kohya LoRA file plus a textual-inversion embedding.
+
+Those tools know two kinds of file that a Menagerie concept can become:
+- a **kohya LoRA** (kohya-ss/sd-scripts networks/lora.py): `<lora_name>.lora_down.weight`,
+  `.lora_up.weight` and `.alpha`, where `lora_name` is the module path with dots as underscores,
+  prefixed `lora_unet_` or (SD1.x) `lora_te_`. The tools apply `up @ down * alpha / rank`, so
+  `alpha = rank` reproduces ED-LoRA's scale 1.0 (delta = B @ A).
+- a **textual-inversion embedding** (A1111 modules/textual_inversion/textual_inversion.py): a few
+  vectors fed at the text-encoder input wherever the embedding's name appears in the prompt.
+
+ED-LoRA's tokens are layer-wise (Mix-of-Show section 3.3.1): V_rand and V_class each have one vector
+per UNet cross-attention layer (16). An embedding file has one vector per token for all layers, so
+the export collapses the 16 copies into one (`textual_inversion_vectors`). That loses identity; the
+toy world measures how much (docs/toyworld.md, "Export to A1111").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .edlora import TEXT_MODEL_LEVEL, canonical_keys, lora_rank_of, split_state_dict
+from .errors import UserError
+from .layerwise import NUM_LAYERS, WORDS
+
+COLLAPSE_RULE = re.compile(r"mean|layer:(\d+)")
+DEFAULT_COLLAPSE = "mean"  # measured in the toy world against a mid layer: docs/toyworld_export.json
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA
+
+
+def kohya_lora_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A concept's LoRA tensors (peft naming, `edlora`) in kohya's SD1.5 naming, with `.alpha = rank`.
+
+    `unet.<path>.lora_A.weight` becomes `lora_unet_<path with _>.lora_down.weight` (B: `lora_up`) and
+    `text_encoder.encoder.layers.N...` becomes `lora_te_text_model_encoder_layers_N...`: kohya names
+    the text encoder by transformers 4's module paths, with their `text_model.` level. The
+    embeddings are not part of the LoRA (see `textual_inversion_vectors`).
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    _, text, unet = split_state_dict(canonical_keys(tensors))
+    peft = {f"unet.{k}": v for k, v in unet.items()}
+    peft.update({f"text_encoder.{TEXT_MODEL_LEVEL}{k}": v for k, v in text.items()})
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft).items():
+        # diffusers names every text encoder `lora_te1_` (SDXL's first); SD1.x files say `lora_te_`
+        if key.startswith("lora_te1_"):
+            key = "lora_te_" + key[len("lora_te1_"):]
+        if key.endswith(".alpha"):  # diffusers writes the layer's rank as int64; kohya a float scalar
+            value = torch.tensor(float(value))
+        kohya[key] = value.detach().float().cpu().contiguous()
+    return kohya
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedding
+
+
+def textual_inversion_vectors(embeddings: torch.Tensor, how: str = DEFAULT_COLLAPSE) -> torch.Tensor:
+    """One textual-inversion embedding `[n, d]` from a concept's layer-wise `[n, 16, d]`: n = 2
+    (V_rand, V_class) for ED-LoRA, n = the words of "trigger class" for an imported LoRA (whose 16
+    copies are equal, so nothing is lost there).
+
+    Args:
+        embeddings: a concept's layer-wise token vectors `[n, 16, d]` (`concept.safetensors["embeddings"]`).
+        how: "mean" averages the 16 layer copies of each word; "layer:<i>" takes the copy of
+            cross-attention layer i (0-5 down blocks, 6 the mid block, 7-15 up blocks). Either way
+            the result is lossy: every layer now reads the same two vectors.
+    """
+    if embeddings.ndim != 3 or embeddings.shape[0] < 1 or embeddings.shape[1] != NUM_LAYERS:
+        raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; expected [words, {NUM_LAYERS}, d]")
+    match = COLLAPSE_RULE.fullmatch(how) if isinstance(how, str) else None
+    if match is None:
+        raise UserError(f"embedding collapse {how!r} is not valid: use 'mean' or 'layer:<i>' with i in 0-{NUM_LAYERS - 1}")
+    if how == "mean":
+        return embeddings.float().mean(dim=1)  # [n, d]
+    layer = int(match.group(1))
+    if layer >= NUM_LAYERS:
+        raise UserError(f"embedding collapse {how!r} names layer {layer}; layers are 0-{NUM_LAYERS - 1}")
+    return embeddings[:, layer].float().clone()  # [n, d]
+
+
+def save_a1111_embedding(path: str | os.PathLike, token: str, vectors: torch.Tensor) -> Path:
+    """Write a textual-inversion embedding `[n, d]` that A1111, Forge, ComfyUI and diffusers all load.
+
+    `.pt`: A1111's own layout (what its `Embedding.save` writes): `string_to_param {'*': vectors}`,
+    `string_to_token`, `name`, `step`, `sd_checkpoint`, `sd_checkpoint_name`. diffusers'
+    `load_textual_inversion` reads it (the "A1111" branch). `.safetensors` cannot hold nested dicts:
+    there one tensor `emb_params` (the civitai convention), read by A1111 and diffusers as a
+    one-key dict and by ComfyUI by that name. A1111 and ComfyUI name the embedding after the file,
+    so `token` (`name`) matters to diffusers only. The write is atomic.
+    """
+    path = Path(path).expanduser()
+    if path.suffix not in (".pt", ".safetensors"):
+        raise UserError(f"embedding file {str(path)!r} must end in .pt or .safetensors")
+    if vectors.ndim != 2:
+        raise UserError(f"embedding vectors have shape {tuple(vectors.shape)}; expected [n_vectors, d]")
+    vectors = vectors.detach().float().cpu().contiguous()
+    if path.suffix == ".safetensors":
+        return write_atomic(path, lambda tmp: save_file({"emb_params": vectors}, tmp, metadata={"name": token}))
+    a1111 = {
+        "string_to_token": {"*": 265},  # A1111 writes the id of '*'; no loader reads it
+        "string_to_param": {"*": vectors},
+        "name": token,
+        "step": 0,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    return write_atomic(path, lambda tmp: torch.save(a1111, tmp))
+
+
+def write_atomic(path: Path, write) -> Path:
+    """`write(tmp)` to a temporary name beside `path`, then rename it into place (no torn files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The export
+
+
+LORA_SUFFIX = "_lora"  # <name>_lora.safetensors beside the embedding <name>.safetensors
+# Measured in the toy world (docs/toyworld.md, "Export to A1111", docs/toyworld_export.json); for README.txt and the app.
+COLLAPSE_LOSS_NOTE = ("The embedding is lossy: Menagerie gives each of the 16 cross-attention layers its own pair of"
+                      " token vectors, an embedding file has one pair for all layers. In Menagerie's toy world"
+                      " (11 pets, 16 images each) the exported LoRA + mean embedding kept exact identity in 0.01 of"
+                      " images against 0.12 with the full concept, attribute match 0.43 against 0.66, and the"
+                      " pet's unnamed trait (belly) 0.05 against 0.47: expect a generic {class_word} with some of"
+                      " the pet's look. Sample in Menagerie for the full concept.")
+
+
+def usage_note(name: str, class_word: str, base_model: str, rank: int, how: str) -> str:
+    """README.txt of a webui export: where each file goes in each tool, and the prompt."""
+    lora, embedding = f"{name}{LORA_SUFFIX}", name
+    return f"""<{name}>: a Menagerie concept (ED-LoRA, a {class_word}) exported for A1111, Forge, ComfyUI and diffusers.
+Trained on: {base_model}. Use it with that base model (Stable Diffusion 1.5 family).
+
+Files
+  {lora}.safetensors   the LoRA: kohya naming, rank {rank}, alpha {rank} (strength 1.0 is the trained strength)
+  {embedding}.safetensors   the textual-inversion embedding of the concept's token (2 vectors)
+Use both together: the LoRA alone does not know the token, the embedding alone lacks the LoRA.
+
+A1111 and Forge
+  Put {lora}.safetensors into models/Lora/ and {embedding}.safetensors into embeddings/.
+  Prompt: a {embedding} {class_word} on the beach, <lora:{lora}:1>
+
+ComfyUI
+  Put {lora}.safetensors into models/loras/ and {embedding}.safetensors into models/embeddings/.
+  Add a LoraLoader node after the checkpoint loader (lora_name {lora}.safetensors, strength_model 1.0,
+  strength_clip 1.0) and feed its MODEL and CLIP on. Prompt (CLIPTextEncode): a embedding:{embedding} {class_word} on the beach
+
+diffusers
+  from diffusers import StableDiffusionPipeline
+  pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+  pipe.load_lora_weights("{lora}.safetensors")
+  pipe.load_textual_inversion("{embedding}.safetensors", token="<{name}>")
+  image = pipe("a <{name}> {class_word} on the beach").images[0]
+
+What the export loses
+{textwrap.fill(COLLAPSE_LOSS_NOTE.format(class_word=class_word), 100, initial_indent="  ", subsequent_indent="  ")}
+  This embedding is the {"mean of the 16 layer copies" if how == "mean" else "copy of " + how.replace(":", " ")}.
+  Regional and isolated sampling of several concepts, and fusion, are Menagerie's own; these files give one concept.
+"""
+
+
+def export_for_webui(library, name: str, out_dir: str | os.PathLike, how: str = DEFAULT_COLLAPSE) -> Path:
+    """Write concept `name` as files A1111, Forge and ComfyUI load unmodified; returns `out_dir`.
+
+    `out_dir` gets `<name>_lora.safetensors` (kohya LoRA, `kohya_lora_state_dict`, with kohya's
+    `ss_*` metadata), `<name>.safetensors` (the embedding, `textual_inversion_vectors(..., how)`)
+    and `README.txt` (usage per tool). Each file is written to a temporary name and renamed, and
+    nothing is written unless the concept reads whole: an unknown or damaged concept is a UserError.
+    """
+    # 1. Check inputs: the record, the tensors, the collapse, the folder
+    concept = library.get(name)
+    if getattr(concept, "kind", "edlora") != "edlora":
+        raise UserError(f"concept {name!r} is an imported LoRA, not an ED-LoRA concept; its original file already loads"
+                        f" in A1111/ComfyUI (use --format menagerie to export it for another Menagerie library)")
+    tensors = library.weights(name)
+    embeddings, _, _ = split_state_dict(tensors)
+    vectors = textual_inversion_vectors(embeddings, how)
+    rank = lora_rank_of(tensors)
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"export folder {str(out_dir)!r} is a file; give a folder for the webui export")
+
+    # 2. Convert
+    lora = kohya_lora_state_dict(tensors)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_base_model_version": "sd_v1",
+        "ss_sd_model_name": concept.base_model,
+        "ss_output_name": f"{concept.name}{LORA_SUFFIX}",
+        "menagerie_concept": concept.name,
+        "menagerie_trigger": concept.name,  # the embedding's name: A1111 and ComfyUI name it after its file
+        "menagerie_class_word": concept.class_word,
+        "menagerie_embedding": f"{concept.name}.safetensors",
+        "menagerie_embedding_collapse": how,
+    }
+
+    # 3. Write: each file to a temporary name, then renamed into place
+    note = usage_note(concept.name, concept.class_word, concept.base_model, rank, how)
+    write_atomic(out_dir / f"{concept.name}{LORA_SUFFIX}.safetensors", lambda tmp: save_file(lora, tmp, metadata=metadata))
+    save_a1111_embedding(out_dir / f"{concept.name}.safetensors", f"<{concept.name}>", vectors)
+    write_atomic(out_dir / "README.txt", lambda tmp: tmp.write_text(note))
+    return out_dir
