@@ -323,13 +323,18 @@ def test_sampling_equals_diffusers_load_lora_weights(imported, files, work_base,
     kohya's alpha / rank and diffusers' metadata alphas are read as diffusers reads them. (The A1111 file
     holds kohya's deltas, test_import_gives_back_the_source_deltas; the LoRA moves the picture far
     beyond this tolerance, test_imported_concept_samples_plain_and_regional.)"""
+    import diffusers
+    from packaging.version import Version
+
+    if naming == "diffusers" and Version(diffusers.__version__) < Version("0.36"):
+        pytest.skip("diffusers < 0.36 fails on a LoRA file's own adapter metadata (KeyError 'rank_pattern')")
     base, pipe = work_base, diffusers_pipe
     name = naming.replace("-", "")
     prompt = "a photo of <{}> on the grass"
     config = SampleConfig(prompt=prompt.format(name), steps=STEPS, width=64, height=64, seed=5)
     ours = np.asarray(generate(base, imported, config).images[0], float)
     pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(files[naming]))
+    pipe.load_lora_weights(str(files[naming].parent), weight_name=files[naming].name)  # diffusers < 0.36 needs weight_name offline
     written_out = prompt.format("").replace("<>", f"{TRIGGER} {CLASS_WORD}")
     with torch.no_grad():
         theirs_text, _ = pipe.encode_prompt(written_out, "cpu", 1, False)
@@ -398,7 +403,7 @@ def test_gradient_fusion_uses_the_trigger_prompt_and_solves_every_layer(pair_lib
     layers = fused.report["layers"]
     for layer in ("unet.down_blocks.0.attentions.0.proj_in", "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
                   "text_encoder.encoder.layers.1.mlp.fc2", "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"):
-        errors = layers[layer]["method"]
+        errors = (layers.get(layer) or layers[layer.replace("text_encoder.", "text_encoder.text_model.", 1)])["method"]  # transformers 4.x names
         assert all(np.isfinite(v) and v < 1.0 for v in errors.values()), (layer, errors)
     # the closed form fits the summed objective at least as well as averaging, layer by layer
     for layer, row in layers.items():

@@ -268,9 +268,19 @@ def test_transformers_4_naming_gives_the_same_keys(plain):
         def get_input_embeddings(self):
             return self.text_model.get_input_embeddings()
 
-    flat = text_encoder_original(plain.text_encoder)
-    nested = text_encoder_original(CLIPTextModel4(plain.text_encoder))
-    assert not hasattr(plain.text_encoder, "text_model")  # this test assumes transformers 5 is installed
+    class CLIPTextModel5(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.embeddings, self.encoder, self.final_layer_norm = inner.embeddings, inner.encoder, inner.final_layer_norm
+
+        def get_input_embeddings(self):
+            return self.embeddings.token_embedding
+
+    encoder = plain.text_encoder
+    if hasattr(encoder, "text_model"):  # transformers 4.x installed: make the 5.x layout from it
+        flat, nested = text_encoder_original(CLIPTextModel5(encoder.text_model)), text_encoder_original(encoder)
+    else:
+        flat, nested = text_encoder_original(encoder), text_encoder_original(CLIPTextModel4(encoder))
     assert flat.keys() == nested.keys()
     assert all(k.startswith("text_model.") for k in flat)
     assert all(torch.equal(flat[k], nested[k]) for k in flat)
