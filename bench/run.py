@@ -204,9 +204,13 @@ def sample_jobs(size: int) -> dict:
             Region((0, half, half, size), "a bird"), Region((quarter, quarter, size, size), "a rabbit")],
     }
 
-    def isolated(count: int):
+    def isolated(count: int, boxes: bool = False):
         subjects = tuple(Subject(label, f"a photo of <c{i:02d}> {label}") for i, label in enumerate(LABELS[:count]))
-        iso = IsolateConfig(prompt=config.prompt, subjects=subjects, steps=30, t_lay=0.75)
+        if boxes:  # the studio's way: one box per subject (the stand-in detector's stripes), branches from 0.3 T
+            stripes = tuple((i * size // count, 0, (i + 1) * size // count, size) for i in range(count))
+            iso = IsolateConfig(prompt=config.prompt, subjects=subjects, steps=30, boxes=stripes)
+        else:
+            iso = IsolateConfig(prompt=config.prompt, subjects=subjects, steps=30, t_lay=0.75)
         return lambda base, library: isolate(base, library, iso, detector=stand_in_detector)
 
     return {
@@ -215,6 +219,7 @@ def sample_jobs(size: int) -> dict:
         "regional4": lambda base, library: generate(base, library, config, regions=regions[4]),
         "isolated2": isolated(2),
         "isolated3": isolated(3),
+        "isolated2_boxes": isolated(2, boxes=True),
     }
 
 
@@ -400,7 +405,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                      f"{statistics.mean(x['closed_form_s'] for x in layers):.4f} s/layer",
                      "objective closed form / LBFGS: " + ", ".join(f"{x['objective_closed_form']:.4g} / {x['objective_lbfgs']:.4g}" for x in layers)))
     mode = r("sample_best_mode", "off")
-    for label in ("plain", "regional2", "regional4", "isolated2", "isolated3"):
+    for label in ("plain", "regional2", "regional4", "isolated2", "isolated3", "isolated2_boxes"):
         if f"sample_{label}_s" in results:
             best, eager = results[f"sample_{mode}_{label}"], results[f"sample_off_{label}"]
             rows.append((f"sampling 512x512, 30 steps: {label} (compile={mode})", f"{best['seconds']} s ({best['ratio_to_plain']}x plain)",

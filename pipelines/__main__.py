@@ -238,7 +238,12 @@ def cmd_concepts(args) -> None:
     elif args.action == "export" and args.format == "webui":
         from .export import export_for_webui
 
-        out = export_for_webui(library, args.name, args.file)
+        base = None
+        if args.collapse == "distil":  # distilled through the concept's text encoder and UNet: needs its base
+            from .base import load_base
+
+            base = load_base(args.base or library.get(args.name).base_model, device=args.device)
+        out = export_for_webui(library, args.name, args.file, how=args.collapse, base=base)
         print(f"exported <{args.name}> for A1111/Forge/ComfyUI to {out} (LoRA, embedding, README.txt)")
     elif args.action == "export":
         out = library.export(args.name, args.file)
@@ -407,6 +412,7 @@ def cmd_evaluate(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .base import DEFAULT_BASE, DTYPES
+    from .export import DEFAULT_COLLAPSE
     from .isolated import LAYOUT_CROSS_ATTENTION, IsolateConfig as IsolateDefaults
     from .layout import DEFAULT_LAYOUT
 
@@ -502,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=["menagerie", "webui"], default="menagerie",
                    help="menagerie: one file for `concepts import`; webui: a kohya LoRA + embedding + README.txt for"
                         " A1111/Forge/ComfyUI (the embedding collapses the 16 layer-wise tokens: lossy)")
+    a.add_argument("--collapse", default="distil",
+                   help="webui: how the 16 layer-wise token pairs become one: distil (default; the pair whose cross-attention"
+                        " keys/values come closest, best in the toy world, docs/toyworld.md; loads the base model; about 20 s"
+                        f" for the toy model on a CPU), {DEFAULT_COLLAPSE} or layer:<i> (0-15)")
+    a.add_argument("--base", default=None, help="webui --collapse distil: the base model (default: the one the concept was trained on)")
+    a.add_argument("--device", default=None, help="webui --collapse distil: where the base model runs (default: the best available)")
     a = actions.add_parser("import")
     library_flag(a)
     a.add_argument("file", help="a .safetensors file written by export")

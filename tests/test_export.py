@@ -15,7 +15,8 @@ from pipelines.__main__ import main
 from pipelines.concept import Concept, ConceptLibrary
 from pipelines.edlora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, concept_state_dict, lora_parameters, remove_lora
 from pipelines.errors import UserError
-from pipelines.export import export_for_webui, kohya_lora_state_dict, save_a1111_embedding, textual_inversion_vectors
+from pipelines.export import (distilled_vectors, export_for_webui, key_value_objective, kohya_lora_state_dict, save_a1111_embedding,
+                              textual_inversion_vectors)
 from pipelines.layerwise import encode_layerwise
 from pipelines.sample import SampleConfig, generate, initial_latents, make_scheduler
 from conftest import fake_concept_tensors, one_line_error
@@ -62,8 +63,9 @@ def test_textual_inversion_vectors_mean_and_layer():
     assert textual_inversion_vectors(embeddings).shape == (2, 3)
 
 
-@pytest.mark.parametrize("how, fragment", [("median", "'mean' or 'layer:<i>'"), ("layer:16", "layers are 0-15"),
-                                           ("layer:-1", "'mean' or 'layer:<i>'")])
+@pytest.mark.parametrize("how, fragment", [("median", "'mean', 'distil' or 'layer:<i>'"), ("layer:16", "layers are 0-15"),
+                                           ("layer:-1", "'mean', 'distil' or 'layer:<i>'"),
+                                           ("distil", "needs the base model: use distilled_vectors(base, ...)")])
 def test_textual_inversion_vectors_bad_collapse(how, fragment):
     with pytest.raises(UserError, match="embedding collapse") as error:
         textual_inversion_vectors(torch.zeros(2, 16, 4), how)
@@ -110,6 +112,7 @@ def exported(tiny_dir, tmp_path_factory, one_thread):
             param.data = torch.randn(param.shape, generator=g) * 0.3
     layerwise = torch.randn(2, 16, 32, generator=g)
     tensors = concept_state_dict(base, "rex", layerwise)
+    layerwise_tensors = dict(tensors)  # 16 different copies: what "distil" has to collapse
     for model in (base.text_encoder, base.unet):
         remove_lora(model, "rex")
     # every layer reads the collapsed pair, so Menagerie and the exported files mean the same model
@@ -119,7 +122,8 @@ def exported(tiny_dir, tmp_path_factory, one_thread):
     library.save(Concept(name="rex", class_word="dog", base_model=str(tiny_dir), fingerprint=base.fingerprint, photo_count=2),
                  tensors)
     out = export_for_webui(library, "rex", tmp_path_factory.mktemp("webui") / "rex-export")
-    return {"base": base, "library": library, "out": out, "tensors": tensors, "vectors": vectors}
+    return {"base": base, "library": library, "out": out, "tensors": tensors, "vectors": vectors,
+            "layerwise_tensors": layerwise_tensors}
 
 
 def test_export_files_and_metadata(exported):
@@ -136,8 +140,8 @@ def test_export_files_and_metadata(exported):
     assert torch.allclose(load_file(out / "rex.safetensors")["emb_params"], exported["vectors"], rtol=0, atol=1e-6)
     readme = (out / "README.txt").read_text()
     for fragment in ("models/Lora/", "embeddings/", "a rex dog on the beach, <lora:rex_lora:1>", "LoraLoader",
-                     "embedding:rex", 'load_lora_weights("rex_lora.safetensors")',
-                     'load_textual_inversion("rex.safetensors", token="<rex>")', "lossy", "match 0.43 against 0.66"):
+                     "embedding:rex", 'load_lora_weights(".", weight_name="rex_lora.safetensors")',
+                     'load_textual_inversion("rex.safetensors", token="<rex>")', "lossy", "0.43 with the mean one against 0.66"):
         assert fragment in readme, fragment
 
 
@@ -154,7 +158,7 @@ def test_round_trip_through_diffusers_loaders(exported, tiny_dir):
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
-    pipe.load_lora_weights(str(out / "rex_lora.safetensors"), adapter_name="rex")
+    pipe.load_lora_weights(str(out), weight_name="rex_lora.safetensors", adapter_name="rex")  # diffusers < 0.36 needs weight_name offline
     pipe.load_textual_inversion(str(out / "rex.safetensors"), token="<rex>")
     latents = initial_latents(base, 1, 64, 64, seed=0)
 
@@ -177,6 +181,40 @@ def test_round_trip_through_diffusers_loaders(exported, tiny_dir):
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), exported["vectors"])
 
 
+def test_distilled_vectors_fit_keys_and_values_better_than_the_mean(exported, fresh_base):
+    """16 different copies: the distilled pair's K/V error is well below the mean's, and the same every run."""
+    base, tensors = fresh_base(), exported["layerwise_tensors"]
+    objective = key_value_objective(base, "rex", tensors, "dog")
+    distilled = distilled_vectors(base, "rex", tensors, "dog", steps=60)
+    with torch.no_grad():
+        mean, fitted = objective(tensors["embeddings"].mean(dim=1)).item(), objective(distilled).item()
+    assert 0 < fitted < 0.8 * mean, (fitted, mean)
+    assert distilled.shape == (2, 32) and distilled.dtype == torch.float32
+    assert torch.equal(distilled, distilled_vectors(base, "rex", tensors, "dog", steps=60))  # deterministic
+
+
+def test_distil_of_equal_copies_is_the_mean(exported, fresh_base):
+    """16 equal copies: the pair itself reproduces every layer exactly (objective 0), so distil keeps the mean."""
+    base, tensors = fresh_base(), exported["tensors"]
+    mean = tensors["embeddings"].mean(dim=1)
+    with torch.no_grad():
+        assert key_value_objective(base, "rex", tensors, "dog")(mean).item() < 1e-10
+    assert torch.equal(distilled_vectors(base, "rex", tensors, "dog", steps=20), mean)
+
+
+def test_export_distil_needs_the_base_and_writes_it(tmp_path, exported, fresh_base):
+    library = exported["library"]
+    with pytest.raises(UserError, match="'distil' needs the base model <rex> was trained on"):
+        export_for_webui(library, "rex", tmp_path / "out", how="distil")
+    assert not (tmp_path / "out").exists()
+    out = export_for_webui(library, "rex", tmp_path / "out", how="distil", base=fresh_base())
+    # the library's rex has 16 equal copies: the distilled pair is their mean
+    assert torch.equal(load_file(out / "rex.safetensors")["emb_params"], exported["tensors"]["embeddings"].mean(dim=1))
+    assert "This embedding is distilled from the 16 layer copies" in (out / "README.txt").read_text()
+    with safe_open(str(out / "rex_lora.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["menagerie_embedding_collapse"] == "distil"
+
+
 def test_export_refuses_unknown_and_damaged(tmp_path, exported):
     library = exported["library"]
     with pytest.raises(UserError, match="unknown concept 'nope'"):
@@ -196,6 +234,10 @@ def test_cli_export_webui(capsys, tmp_path, exported):
     assert main(["concepts", "export", "rex", str(tmp_path / "webui"), "--format", "webui", "--library", str(root)]) == 0
     assert "for A1111/Forge/ComfyUI" in capsys.readouterr().out
     assert (tmp_path / "webui" / "rex_lora.safetensors").is_file() and (tmp_path / "webui" / "README.txt").is_file()
+    # --collapse distil loads the concept's own base (here the tiny model it names)
+    assert main(["concepts", "export", "rex", str(tmp_path / "distil"), "--format", "webui", "--collapse", "distil",
+                 "--device", "cpu", "--library", str(root)]) == 0
+    assert "distilled" in (tmp_path / "distil" / "README.txt").read_text()
     # the default format is still Menagerie's own one-file export
     assert main(["concepts", "export", "rex", str(tmp_path / "rex.safetensors"), "--library", str(root)]) == 0
     with safe_open(str(tmp_path / "rex.safetensors"), framework="pt") as handle:
