@@ -9,9 +9,12 @@ results. It adds no ML of its own.
     python app.py --demo              # the toy world (pipelines/demo.py): a small real model, offline, on a CPU
     python app.py --port 7860 --concepts-dir ./concepts --outputs-dir ./outputs
     python app.py --safety-checker on # screen every image (the default on Hugging Face Spaces)
+    python app.py --clip DIR --dino DIR  # local CLIP and DINO folders for the Score action (offline)
 
-Tabs: Concepts (train a pet from photos; the library), Compose (fuse concepts), Generate (regional
-or isolated sampling with boxes drawn on a canvas; history of past images).
+Tabs: Concepts (train a pet from photos; the library, exported for A1111/ComfyUI/Forge too, and imports
+of LoRA files and Mix-of-Show checkpoints), Compose (fuse concepts; export a fused model as one
+checkpoint), Generate (regional or isolated sampling with boxes drawn on a canvas; history of past
+images; scores of them against reference photos).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import html
 import json
 import os
 import random
+import shutil
 import time
 import typing
 import uuid
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The studio's command line. It imports nothing heavy (no gradio, torch or model code), so
     `python app.py --help` and a mistyped flag answer at once; `main` parses the same flags."""
     from pipelines import DEFAULT_BASE, DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+    from pipelines.performance import COMPILE_MODES, MEMORY_MODES
     from pipelines.__main__ import default_library
 
     storage = persistent_dir()
@@ -62,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector", default=None,
                         help=f"Grounding DINO for Isolated mode and automatic masks: Hub id, local folder or 'tiny' (default {DEFAULT_DETECTOR})")
     parser.add_argument("--segmenter", default=None, help=f"SAM: Hub id, local folder or 'tiny' (default {DEFAULT_SEGMENTER})")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP for the Score action (CLIP-T, CLIP-I, CP-CLIP, TI-CLIP): Hub id, local folder or 'tiny'"
+                             " (default openai/clip-vit-base-patch32; 'tiny' with --base tiny)")
+    parser.add_argument("--dino", default=None,
+                        help="DINO ViT for the Score action (DINO-I, SCR): Hub id, local folder or 'tiny'"
+                             " (default facebook/dino-vits16; 'tiny' with --base tiny)")
+    parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+                        help="GPU memory mode: auto (per job, from the free memory), high, low or lowest (README, Hardware)")
+    parser.add_argument("--compile", nargs="?", const="reduce-overhead", default="off", choices=COMPILE_MODES,
+                        help="torch.compile the UNet (bare --compile: reduce-overhead, CUDA graphs: about 2.5x faster training"
+                             " steps on a large GPU after a 2-3 minute first compile; cached beside the library for later runs)")
     parser.add_argument("--demo", action="store_true",
                         help="the offline demo on the toy world (docs/toyworld.md): a small real model, stock pets, the oracle as"
                              " detector; runs on a CPU. The default on a Space without a GPU")
@@ -79,18 +96,24 @@ from PIL import Image, ImageDraw
 
 from pipelines.base import (DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, architecture_of, default_dtype,
                             load_base, native_resolution_of, resolve_device)
-from pipelines.concept import ConceptLibrary, normalise_name
+from pipelines.concept import ConceptLibrary, check_class_word, check_name, normalise_name
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, model_problem, subject_mask
 from pipelines.errors import UserError
+from pipelines.export import COLLAPSE_LOSS_NOTE, export_for_webui
 from pipelines.fusion import FUSED_FORMAT, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
 from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
 from pipelines.layout import DEFAULT_LAYOUT, LayoutControl
+from pipelines.lora_import import check_trigger, import_lora, import_mix_of_show
+from pipelines.performance import compile_cache_dir, configure_performance
 from pipelines.regional import Region
 from pipelines.safety import blocked_note, configure_safety, safety_enabled
 from pipelines.sample import DEFAULT_NEGATIVE_PROMPT, SampleConfig, generate, read_png_metadata, save_png
-from pipelines.train import TrainConfig, check_train_config, load_training_set, parse_companions, train_concept
+from pipelines.scores import DEFAULT_CLIP, DEFAULT_DINO, load_score_models, score_images
+from pipelines.scores import model_problem as score_model_problem
+from pipelines.single_file import check_out_path, export_paths, export_fused_checkpoint
+from pipelines.train import TrainConfig, check_train_config, load_photo, load_training_set, parse_companions, train_concept
 
 REGIONAL = "Regional (Mix-of-Show)"
 ISOLATED = "Isolated (detector-guided)"
@@ -98,6 +121,18 @@ CANVAS_SIDE = 512  # the drawing canvas' long side in pixels, whatever the image
 BOX_COLUMNS = ["label", "x0", "y0", "x1", "y1", "prompt", "negative prompt", "find (isolated)"]
 HISTORY_LIMIT = 60  # newest images shown in the history gallery
 POLL_SECONDS = 1.0
+# Export and import (issue 17): the formats the library's export dialog and import form offer
+MENAGERIE_FORMAT = "Menagerie (.safetensors)"
+WEBUI_FORMAT = "A1111, ComfyUI, Forge (LoRA + embedding, .zip)"
+LORA_FILE = "LoRA file (kohya, A1111, diffusers, peft)"
+MIX_OF_SHOW_FILE = "Mix-of-Show checkpoint (.pth)"
+IMPORT_KINDS = {LORA_FILE: "lora", MIX_OF_SHOW_FILE: "mix-of-show"}
+# Scores: the table's columns in pipelines.scores' keys, and the reference uploads the page has room for
+SCORE_COLUMNS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino_i": "DINO-I", "cp_clip": "CP-CLIP", "ti_clip": "TI-CLIP", "scr": "SCR"}
+SCORE_SLOTS = 6  # concepts per scored batch of images
+DEMO_SCORE_NOTE = ("Scores need the real CLIP (ViT-B/32) and DINO (ViT-S/16) models, which judge photographs; the demo's"
+                   " toy world is judged by its own oracle instead (docs/toyworld.md). Start the studio on a real base model"
+                   " (python app.py) to score images")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,27 +181,33 @@ class BaseModels:
     memory). Only the job worker calls `get`, one job at a time, so the model needs no lock.
     """
 
-    def __init__(self, name: str, safety_checker: bool = False):
+    def __init__(self, name: str, safety_checker: bool = False, memory: str = "auto", compile: str = "off",
+                 compile_cache: Path | None = None):
         self.name = name
         self.safety_checker = safety_checker  # screen every generated image (pipelines.safety)
+        self.memory, self.compile, self.compile_cache = memory, compile, compile_cache  # pipelines.performance
         self.model = None
         self.trained_in = False  # a training run left its adapters in `model`
         self.error: str | None = None  # the last load failure, for the status panel
 
-    def get(self, fused: str | None = None, fresh: bool = False):
-        """A base whose fused weights are `fused` (a folder) or that holds no fused model at all."""
+    def get(self, fused: str | None = None, fresh: bool = False, dtype: torch.dtype | None = None):
+        """A base whose fused weights are `fused` (a folder) or that holds no fused model at all, its
+        UNet and VAE in `dtype` (None: load_base's default, fp16 on a GPU and float32 on the CPU)."""
         model = self.model
-        if model is None or fresh or self.trained_in or (model.fused is not None and model.fused != fused):
+        wanted = dtype or default_dtype(resolve_device(None))
+        if (model is None or fresh or self.trained_in or (model.fused is not None and model.fused != fused)
+                or model.dtype != wanted):
             self.model = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                model = load_base(self.name)
+                model = load_base(self.name, dtype=dtype)
             except UserError as error:
                 self.error = str(error)
                 raise
             configure_safety(model, self.safety_checker)  # on and not loadable: the job fails, no image goes unscreened
+            configure_performance(model, memory=self.memory, compile=self.compile, compile_cache=self.compile_cache)
             self.model = model
             self.error, self.trained_in = None, False
         return self.model
@@ -543,6 +584,15 @@ def progress_html(state: JobState | None, idle: str = "") -> str:
     return f"<div class='job-{state.status}'>{icon} {title}: {state.status}. {html.escape(state.message)}</div>"
 
 
+def cancel_html(studio: "Studio", kind: str, idle: str) -> str:
+    """Cancel the newest job of `kind` and show it once stopped (10 s at most). The job's own stream
+    also shows its last state, and this answer may reach the page after it: it must not say "running"."""
+    state = studio.cancel_latest(kind)
+    if state is not None and state.active:
+        state = studio.jobs.wait(state.id, timeout=10)
+    return progress_html(state, idle)
+
+
 def done_html(message: str) -> str:
     """A finished action's message for an HTML status line; concept names like <mochi> stay visible."""
     return f"<div class='library-done'>✓ {html.escape(message)}</div>"
@@ -568,14 +618,16 @@ class Studio:
     """What the page can ask for; every method calls `pipelines` and returns plain values."""
 
     def __init__(self, base_name: str, library_dir: str | os.PathLike, outputs_dir: str | os.PathLike,
-                 safety_checker: bool | None = None, detector: str | None = None, segmenter: str | None = None, demo=None):
+                 safety_checker: bool | None = None, detector: str | None = None, segmenter: str | None = None, demo=None,
+                 clip: str | None = None, dino: str | None = None, memory: str = "auto", compile: str = "off"):
         self.base_name = base_name
         self.demo = demo  # pipelines.demo.Demo in demo mode (the toy world): its examples, form defaults, banner
         self.library = ConceptLibrary(library_dir)
         self.outputs = Path(outputs_dir).expanduser()
         self.outputs.mkdir(parents=True, exist_ok=True)
         # the safety checker: None follows the platform (on for Hugging Face Spaces, off elsewhere)
-        self.models = BaseModels(base_name, safety_enabled(None) if safety_checker is None else safety_checker)
+        self.models = BaseModels(base_name, safety_enabled(None) if safety_checker is None else safety_checker,
+                                 memory=memory, compile=compile, compile_cache=compile_cache_dir(library_dir))
         self.jobs = JobQueue()
         self.library_version = 0  # bumped on every change, so polling pages know to redraw
         self.speeds = SpeedLog()  # seconds per denoising step, measured by this studio's jobs, for estimates
@@ -587,6 +639,9 @@ class Studio:
         self.segmenter = segmenter or (TINY if self.is_test_model else DEFAULT_SEGMENTER)
         self.detector_problem = (model_problem("detector", self.detector) if isinstance(self.detector, str) else None) or (
             model_problem("segmenter", self.segmenter) if isinstance(self.segmenter, str) else None)
+        # the Score action's models (pipelines.scores), loaded with its first job; the test model pairs with random ones
+        self.clip = clip or (TINY if self.is_test_model else DEFAULT_CLIP)
+        self.dino = dino or (TINY if self.is_test_model else DEFAULT_DINO)
 
     @property
     def default_size(self) -> int:
@@ -724,6 +779,80 @@ class Studio:
         self.library_changed()
         return f"imported <{concept.name}> ({concept.class_word})"
 
+    def submit_webui_export(self, name: str) -> JobState:
+        """Queue concept `name` as one zip of what A1111, Forge and ComfyUI load (`export_for_webui`:
+        the kohya LoRA, the distilled textual-inversion embedding, README.txt). A job, because
+        distilling the embedding runs the base's text encoder; the result is the zip's path."""
+        if not name:
+            raise UserError("pick a concept to export first")
+        self.library.get(name)  # unknown or damaged: refused now
+        return self.jobs.submit("export", f"exporting <{name}> for A1111, ComfyUI and Forge",
+                                lambda job: run_webui_export(self, job, name))
+
+    def _export_webui(self, job: Job, name: str) -> str:
+        job.update(stage="loading the base model", step=0, total=2)
+        base = self.models.get()
+        job.update(stage="distilling the embedding and writing the files", step=1)
+        exports = self.outputs / ".exports"
+        folder = exports / f".{name}-webui-{uuid.uuid4().hex[:8]}"  # a fresh folder: the zip holds only this export
+        try:
+            export_for_webui(self.library, name, folder, how="distil", base=base)
+            zipped = str(zip_folder(folder, exports / f"{name}-webui.zip"))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        job.update(step=2)
+        return zipped
+
+    def submit_import(self, path: str | None, name: str, class_word: str, trigger: str = "", trigger_prompt: str = "",
+                      kind: str = "lora", overwrite: bool = False) -> JobState:
+        """Check an import of another tool's file now (file, name, class word, trigger), then queue it:
+        it reads the base model's vocabulary and layers, so it waits for the base like any GPU job.
+
+        kind: "lora" (a kohya, A1111, diffusers or peft LoRA; <name> stands for "trigger class_word")
+            or "mix-of-show" (Mix-of-Show's ED-LoRA checkpoint, .pth).
+        """
+        if kind not in IMPORT_KINDS.values():
+            raise UserError(f"import kind {kind!r} is not known; use {' or '.join(IMPORT_KINDS.values())}")
+        if not path:
+            raise UserError("no file given; drop the LoRA (.safetensors) or Mix-of-Show checkpoint (.pth) in the file box")
+        source = Path(path)
+        if not source.is_file():
+            raise UserError(f"import file {source.name!r} is gone; upload it again")
+        if not (name or "").strip():
+            raise UserError("no name given; type the concept's name, e.g. rex (prompts then write <rex>)")
+        name, note = normalise_name(name)
+        check_name(name)
+        if name in self.library.names() and not overwrite:
+            raise UserError(f"a concept named <{name}> already exists; choose another name or tick 'replace'")
+        class_word = check_class_word(class_word or "")
+        if kind == "lora":
+            trigger = check_trigger(trigger or "")
+        staged = self.outputs / ".imports" / uuid.uuid4().hex[:8] / source.name  # the upload's temp file may vanish
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, staged)
+        return self.jobs.submit("import", f"importing {source.name} as <{name}>",
+                                lambda job: run_import(self, job, kind, staged, name, class_word, trigger,
+                                                       trigger_prompt.strip() or None, overwrite, note))
+
+    def _import(self, job: Job, kind: str, file: Path, name: str, class_word: str, trigger: str,
+                trigger_prompt: str | None, overwrite: bool, note: str) -> str:
+        try:
+            job.update(stage="loading the base model")
+            base = self.models.model or self.models.get()  # only read (vocabulary, layer shapes): any loaded state fits
+            job.update(stage=f"reading {file.name}")
+            if kind == "lora":
+                concept = import_lora(self.library, file, name, class_word, trigger, base, trigger_prompt=trigger_prompt,
+                                      overwrite=overwrite)
+                what = f"a {concept.source_format} LoRA; <{concept.name}> stands for \"{concept.trigger} {concept.class_word}\""
+            else:
+                concept = import_mix_of_show(self.library, file, name, class_word, base, overwrite=overwrite)
+                what = "a Mix-of-Show checkpoint"
+        finally:
+            shutil.rmtree(file.parent, ignore_errors=True)
+        self.library_changed()
+        job.update(message=note)
+        return f"imported <{concept.name}> ({concept.class_word}) from {file.name}, {what}"
+
     # -- Compose ---------------------------------------------------------------------------------
 
     def submit_fusion(self, names: list[str], method: str) -> JobState:
@@ -752,6 +881,31 @@ class Studio:
         if self.models.model is not None:
             return list_fused(self.library, base=self.models.model)
         return [r for r in list_fused(self.library) if r.get("base_model") == self.models.name and r.get("format") == FUSED_FORMAT]
+
+    def submit_checkpoint_export(self, folder: str | None, half: bool = False) -> JobState:
+        """Queue writing the fused model in `folder` as one checkpoint in the original SD layout, with
+        an embedding per concept and a README (`export_fused_checkpoint`), under outputs/.exports/checkpoints/."""
+        if not folder:
+            raise UserError("no fused model selected; click one in the table of fused models first")
+        record = next((r for r in self.fused_models() if r["folder"] == str(folder)), None)
+        if record is None:
+            raise UserError(f"fused model {Path(folder).name!r} is not in the library or does not fit this base; fuse the concepts again")
+        stem = f"{'-'.join(record['concepts'])}-{record['method']}"
+        stem = stem if len(stem) <= 80 else f"fused-{Path(folder).name}"  # fourteen concepts' names make too long a file name
+        out, _, _ = check_out_path(self.outputs / ".exports" / "checkpoints" / f"{stem}.safetensors")
+        return self.jobs.submit("export", f"exporting {' + '.join('<' + n + '>' for n in record['concepts'])} as one checkpoint",
+                                lambda job: run_checkpoint_export(self, job, str(folder), out, half))
+
+    def _export_checkpoint(self, job: Job, folder: str, out: Path, half: bool) -> list[str]:
+        job.update(stage="loading the base model", step=0, total=2)
+        # the base becomes the fused model, as for a generation with it; in float32, where the fused
+        # updates are exact (a half-precision base has already rounded them; fp16 is written from that)
+        base = self.models.get(fused=folder, dtype=torch.float32)
+        job.update(stage=f"writing {out.name} ({'fp16' if half else 'fp32'})", step=1)
+        checkpoint = export_fused_checkpoint(base, folder, out, half=half)
+        _, embeddings, readme = export_paths(checkpoint)
+        job.update(step=2)
+        return [str(checkpoint), str(readme), *sorted(str(p) for p in embeddings.glob("*.safetensors"))]
 
     # -- Generate --------------------------------------------------------------------------------
 
@@ -837,6 +991,65 @@ class Studio:
         images = sorted(self.outputs.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
         return [str(p) for p in images[:HISTORY_LIMIT]]
 
+    # -- Scores ----------------------------------------------------------------------------------
+
+    def score_concepts(self, paths: list[str]) -> list[str]:
+        """The concepts the images show, as their PNGs' settings name them, in order, each once."""
+        names = []
+        for path in paths:
+            try:
+                shown = read_png_metadata(path).get("concepts")
+            except (OSError, ValueError):
+                shown = None
+            names += [n for n in shown if isinstance(n, str)] if isinstance(shown, list) else []
+        return list(dict.fromkeys(names))
+
+    def submit_scoring(self, paths: list[str], references: dict[str, list[str]]) -> JobState:
+        """Check a Score request now (images, a class word and reference photos per concept, models
+        loadable), then queue it: CLIP, DINO and the detector run like any GPU job.
+
+        references: {concept name: paths of its reference photos}; the library keeps no training photos.
+        """
+        if self.demo is not None:
+            raise UserError(DEMO_SCORE_NOTE)
+        paths = [str(p) for p in paths or [] if p]
+        if not paths:
+            raise UserError("no image to score; generate one, or click one in Images or History")
+        names = self.score_concepts(paths)
+        if not names:
+            raise UserError("the image(s) name no concept in their settings (not made by this studio with a <concept>);"
+                            " scores compare each concept with its reference photos")
+        if len(names) > SCORE_SLOTS:
+            raise UserError(f"the image(s) show {len(names)} concepts; score at most {SCORE_SLOTS} at a time (click one image)")
+        concepts = {}
+        for name in names:
+            if name not in self.library.names():
+                raise UserError(f"the image shows <{name}>, which is not in the library, so its class word is unknown;"
+                                f" scores need it to find the pet")
+            files = [f for f in references.get(name) or [] if f]
+            if not files:
+                raise UserError(f"no reference photos of <{name}>; drop a few photos of the pet in its box under Score"
+                                f" (the library keeps no training photos)")
+            concepts[name] = (self.library.get(name).class_word, [load_photo(f) for f in files])  # loaded now: uploads may vanish
+        problem = score_model_problem("clip", self.clip) or score_model_problem("dino", self.dino)  # its --clip/--dino are app.py's too
+        if problem:
+            raise UserError(problem)
+        return self.jobs.submit("score", f"scoring {len(paths)} image(s)", lambda job: run_scoring(self, job, paths, concepts))
+
+    def _score(self, job: Job, paths: list[str], concepts: dict) -> list[dict]:
+        job.update(stage="loading CLIP, DINO and the detector")
+        detector = None if self.detector_problem else self.detector
+        models = load_score_models(self.clip, self.dino, detector)
+        job.update(stage=f"scoring {len(paths)} image(s)")
+        rows = score_images(paths, concepts, models)
+        notes = []
+        if detector is None:
+            notes.append(f"CP-CLIP and SCR need the detector, which cannot be loaded: {self.detector_problem}")
+        if TINY in (self.clip, self.dino):
+            notes.append("scored with random test models (tiny): the numbers mean nothing")
+        job.update(message="; ".join(notes))
+        return rows
+
     def follow(self, job_id: int, interval: float = 0.3):
         """Yield the job's state until it has finished (the last one yielded is final)."""
         while True:
@@ -861,6 +1074,39 @@ def run_fusion(studio: Studio, job: Job, names: list[str], method: str) -> str:
 @gpu_task
 def run_generation(studio: Studio, job: Job, request: GenerationRequest) -> GenerationOutput:
     return studio._generate(job, request)
+
+
+@gpu_task
+def run_import(studio: Studio, job: Job, *args) -> str:
+    return studio._import(job, *args)
+
+
+@gpu_task
+def run_webui_export(studio: Studio, job: Job, name: str) -> str:
+    return studio._export_webui(job, name)
+
+
+@gpu_task
+def run_checkpoint_export(studio: Studio, job: Job, folder: str, out: Path, half: bool) -> list[str]:
+    return studio._export_checkpoint(job, folder, out, half)
+
+
+@gpu_task
+def run_scoring(studio: Studio, job: Job, paths: list[str], concepts: dict) -> list[dict]:
+    return studio._score(job, paths, concepts)
+
+
+def zip_folder(folder: Path, out: Path) -> Path:
+    """The files of `folder` (not its subfolders) in a zip at `out`, written to a temporary name and renamed."""
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(p for p in folder.iterdir() if p.is_file()):
+                archive.write(file, file.name)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def request_from_metadata(metadata: dict, default_size: int) -> GenerationRequest:
@@ -959,6 +1205,50 @@ def report_flags(report: dict) -> str:
             f" (`python -m pipelines fuse --rcond 1e-4`, docs/architecture.md).\n" + "\n".join(lines) + more)
 
 
+def webui_export_note() -> str:
+    """What the A1111/ComfyUI export loses, as measured in the toy world: the note its README.txt carries."""
+    return f"**A1111, ComfyUI, Forge:** {COLLAPSE_LOSS_NOTE.format(class_word='animal of its class')}"
+
+
+def score_intro(studio: "Studio") -> str:
+    """The Score section's explanation; in demo mode, why it does not run there."""
+    if studio.demo is not None:
+        return f"⚠ {DEMO_SCORE_NOTE}."
+    return ("Scores the image you last clicked in Images or History, or the last generation's images: CLIP-T (prompt),"
+            " CLIP-I and DINO-I (each pet against its reference photos), CP-CLIP and TI-CLIP (Gen4Gen: detector crops"
+            " matched to the pets; a missing pet scores 0) and SCR (the share of pets that collapsed, 0 is best)."
+            " The library keeps no training photos: drop a few photos of each pet below. The models"
+            f" (`{studio.clip}`, `{studio.dino}`, the detector) load with the first Score.")
+
+
+def reference_label(name: str, library: ConceptLibrary) -> str:
+    """The label of a concept's reference-photo upload."""
+    try:
+        return f"Reference photos of <{name}> ({library.get(name).class_word})"
+    except UserError as error:  # deleted or damaged since the image was made: Score says so too
+        return f"<{name}>: cannot be scored ({error})"
+
+
+def score_rows(rows: list[dict]) -> list[list]:
+    """The Score table: one row per image (its file name and six scores, 4 decimals; "-" where a score
+    needs a detector or a concept), and a mean row for several images."""
+    def cell(value):
+        return "-" if value is None else round(float(value), 4)
+
+    table = [[Path(row["image"]).name, *(cell(row[key]) for key in SCORE_COLUMNS)] for row in rows]
+    if len(rows) > 1:
+        means = [[row[key] for row in rows if row[key] is not None] for key in SCORE_COLUMNS]
+        table.append(["mean", *(cell(sum(v) / len(v)) if v else "-" for v in means)])
+    return table
+
+
+def fused_label(record: dict | None) -> str:
+    """The Compose tab's line naming the fused model that Export acts on."""
+    if not record:
+        return "No fused model selected: click one in the table to export it."
+    return f"Selected: {' + '.join('&lt;' + n + '&gt;' for n in record['concepts'])} · {record['method']}"
+
+
 def fused_choices(records: list[dict]) -> list[tuple[str, str]]:
     choices = [("automatic (fuse on the fly, cached)", "")]
     choices += [(f"{' + '.join('<' + n + '>' for n in r['concepts'])} · {r['method']}", r["folder"]) for r in records]
@@ -979,9 +1269,14 @@ CSS = """
 """
 
 
+def toast(message: str) -> None:
+    """A warning toast; gradio renders its text as HTML, where a concept name such as <mochi> would vanish."""
+    gr.Warning(html.escape(message))
+
+
 def warn(error: Exception) -> str:
     """Show a user error as a toast and return it for the page's status line."""
-    gr.Warning(str(error))
+    toast(str(error))
     return error_html(error)
 
 
@@ -1038,10 +1333,37 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
     with gr.Row():
         rename_button = gr.Button("Rename")
         delete_button = gr.Button("Delete", variant="stop")
-        export_button = gr.Button("Export .safetensors")
+        export_button = gr.Button("Export…", elem_id="export-button")
         import_button = gr.UploadButton("Import .safetensors", file_types=[".safetensors"])
+    with gr.Column(visible=False, variant="panel", elem_id="export-dialog") as export_dialog:  # opened by Export…
+        with gr.Row():
+            export_format = gr.Radio([MENAGERIE_FORMAT, WEBUI_FORMAT], value=MENAGERIE_FORMAT, label="Export format",
+                                     elem_id="export-format", scale=2)
+            with gr.Column(scale=3):
+                gr.Markdown(webui_export_note(), elem_id="export-note")
+        with gr.Row():
+            export_go = gr.Button("Export", variant="primary", elem_id="export-go")
+            export_close = gr.Button("Close", elem_id="export-close")
     library_status = gr.HTML(elem_id="library-status")  # beside the buttons that change the library, names escaped
-    export_file = gr.File(label="Exported concept", visible=True, interactive=False)
+    export_file = gr.File(label="Exported concept", visible=True, interactive=False, elem_id="export-file")
+    with gr.Accordion("Import a LoRA file or a Mix-of-Show checkpoint", open=False, elem_id="import-other"):
+        gr.Markdown("A LoRA for Stable Diffusion 1.x from civitai or a trainer (kohya, A1111, diffusers or peft naming) becomes"
+                    " a concept &lt;name&gt; that stands for its trigger word and class word; a Mix-of-Show ED-LoRA checkpoint"
+                    " brings its own layer-wise tokens. Either then works in Regional and Isolated mode and in fusion.")
+        with gr.Row():
+            import_kind = gr.Radio(list(IMPORT_KINDS), value=LORA_FILE, label="File kind", elem_id="import-kind")
+            import_file = gr.File(label="LoRA (.safetensors) or Mix-of-Show checkpoint (.pth)",
+                                  file_types=[".safetensors", ".pt", ".bin", ".pth"], elem_id="import-file")
+        with gr.Row():
+            import_as = gr.Textbox(label="Concept name", placeholder="rex", elem_id="import-concept-name")
+            import_class = gr.Textbox(label="Class word of the subject", placeholder="dog", elem_id="import-class")
+            import_trigger = gr.Textbox(label="Trigger word(s) the LoRA was trained with", placeholder="ohwx", elem_id="import-trigger")
+            import_prompt = gr.Textbox(label="A prompt it was trained on (optional; fusion encodes it)",
+                                       placeholder="photo of ohwx dog", elem_id="import-prompt")
+        with gr.Row():
+            import_overwrite = gr.Checkbox(label="Replace an existing concept of this name", elem_id="import-overwrite")
+            import_go = gr.Button("Import", variant="primary", elem_id="import-go")
+        import_status = gr.HTML(elem_id="import-status")
 
     form = {photos, name, class_word, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
             lr_unet_lora, seed, preview_every, overwrite, resume, attn_reg_weight, multi_subject_probability,
@@ -1078,18 +1400,47 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
         except UserError as error:
             return warn(error)
 
-    def on_export(concept: str):
+    def on_export(concept: str, chosen: str):
         try:
-            return studio.export(concept), done_html(f"exported <{concept}>")
+            if chosen != WEBUI_FORMAT:
+                yield studio.export(concept), done_html(f"exported <{concept}>")
+                return
+            state = studio.submit_webui_export(concept)
         except UserError as error:
-            return None, warn(error)
+            yield None, warn(error)
+            return
+        for state in studio.follow(state.id):
+            yield None, progress_html(state)
+        if state.status == DONE:
+            yield state.result, done_html(f"exported <{concept}> for A1111, ComfyUI and Forge: the LoRA, the embedding and"
+                                          f" README.txt (where each goes) in one zip")
+        else:
+            yield None, warn(UserError(state.message))
+
+    def on_import_other(kind: str, file: str | None, concept_name: str, word: str, trigger: str, prompt: str, replace_it: bool):
+        try:
+            state = studio.submit_import(file, concept_name, word, trigger, prompt, IMPORT_KINDS[kind], replace_it)
+        except UserError as error:
+            yield warn(error)
+            return
+        for state in studio.follow(state.id):
+            yield progress_html(state)
+        if state.status == DONE:  # the library views refresh with the next poll (library_changed)
+            yield done_html("; ".join(m for m in (state.result, state.message) if m))
+        else:
+            toast(state.message)
 
     train_button.click(on_train, inputs=form, outputs=progress, concurrency_limit=None)
     cancel_button.click(on_cancel, outputs=progress, concurrency_limit=None)
     rename_button.click(lambda c, n: library_action(studio.rename, c, n), [selected, new_name], library_status)
     delete_button.click(lambda c: library_action(studio.delete, c) if c else "", selected, library_status,
                         js="(c) => (c && confirm('Delete <' + c + '> from the library?')) ? c : null")
-    export_button.click(on_export, selected, [export_file, library_status])
+    export_button.click(lambda: gr.update(visible=True), None, export_dialog)
+    export_close.click(lambda: gr.update(visible=False), None, export_dialog)
+    export_go.click(on_export, [selected, export_format], [export_file, library_status], concurrency_limit=None)
+    import_kind.change(lambda kind: [gr.update(visible=IMPORT_KINDS[kind] == "lora")] * 2, import_kind, [import_trigger, import_prompt])
+    import_go.click(on_import_other, [import_kind, import_file, import_as, import_class, import_trigger, import_prompt, import_overwrite],
+                    import_status, concurrency_limit=None)
     import_button.upload(lambda f, n: library_action(studio.import_concept, f, n), [import_button, import_name], library_status)
     return {"progress": progress, "previews": previews, "selected": selected}
 
@@ -1112,6 +1463,19 @@ def build_compose_tab(studio: Studio) -> dict:
                           label="Fusion report: relative output error per concept (lower keeps the concept better)",
                           interactive=False, elem_id="fusion-report")
     flags = gr.Markdown(elem_id="fusion-flags")
+    selected_fused = gr.State(None)  # the folder of the fused model clicked (or just made)
+    with gr.Row():
+        with gr.Column(scale=3):
+            selected_label = gr.Markdown("No fused model selected: click one in the table to export it.", elem_id="fused-selected")
+            gr.Markdown("One `.safetensors` file in the original SD1.5 layout, which A1111, Forge and ComfyUI load as a model,"
+                        " with one textual-inversion embedding per pet and a README saying where each goes. "
+                        + webui_export_note(), elem_id="checkpoint-note")
+        with gr.Column(scale=2):
+            half = gr.Checkbox(label="Half precision (fp16: 2 GB instead of 4 GB at SD1.5 size)", elem_id="checkpoint-half")
+            checkpoint_button = gr.Button("Export as one checkpoint (A1111/ComfyUI)", elem_id="checkpoint-button")
+    checkpoint_status = gr.HTML(elem_id="checkpoint-status")
+    checkpoint_files = gr.File(label="The checkpoint, its README and one embedding per pet", file_count="multiple",
+                               interactive=False, elem_id="checkpoint-files")
 
     def on_fuse(concepts: list[str], chosen: str):
         try:
@@ -1125,18 +1489,37 @@ def build_compose_tab(studio: Studio) -> dict:
         shown = next((r for r in records if r["folder"] == state.result), None)
         yield {status: progress_html(state), fused_table: fused_rows(records),
                report: report_rows(fused_report(shown)) if shown else gr.skip(),
-               flags: report_flags(fused_report(shown)) if shown else gr.skip()}
+               flags: report_flags(fused_report(shown)) if shown else gr.skip(),
+               selected_fused: shown["folder"] if shown else gr.skip(), selected_label: fused_label(shown) if shown else gr.skip()}
 
     def on_select(evt: gr.SelectData):
         records = studio.fused_models()
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        shown = fused_report(records[row]) if row < len(records) else {}
-        return report_rows(shown), report_flags(shown)
+        record = records[row] if row < len(records) else None
+        shown = fused_report(record) if record else {}
+        return report_rows(shown), report_flags(shown), record["folder"] if record else None, fused_label(record)
 
-    fuse_button.click(on_fuse, [names, method], [status, fused_table, report, flags], concurrency_limit=None)
-    cancel_fuse_button.click(lambda: progress_html(studio.cancel_latest("fuse"), "No fusion to cancel."), outputs=status,
+    def on_export_checkpoint(folder: str | None, in_half: bool):
+        try:
+            state = studio.submit_checkpoint_export(folder, in_half)
+        except UserError as error:
+            yield {checkpoint_status: warn(error)}
+            return
+        for state in studio.follow(state.id):
+            yield {checkpoint_status: progress_html(state)}
+        if state.status == DONE:
+            yield {checkpoint_status: done_html(f"wrote {Path(state.result[0]).name}, {Path(state.result[1]).name} and"
+                                                f" {len(state.result) - 2} embedding(s): download them below"),
+                   checkpoint_files: state.result}
+        else:
+            toast(state.message)
+
+    fuse_button.click(on_fuse, [names, method], [status, fused_table, report, flags, selected_fused, selected_label],
+                      concurrency_limit=None)
+    cancel_fuse_button.click(lambda: cancel_html(studio, "fuse", "No fusion to cancel."), outputs=status,
                              concurrency_limit=None)
-    fused_table.select(on_select, None, [report, flags])
+    fused_table.select(on_select, None, [report, flags, selected_fused, selected_label])
+    checkpoint_button.click(on_export_checkpoint, [selected_fused, half], [checkpoint_status, checkpoint_files], concurrency_limit=None)
     return {"names": names, "fused_table": fused_table}
 
 
@@ -1224,12 +1607,24 @@ def build_generate_tab(studio: Studio) -> dict:
                                 height=200, elem_id="stages")
             box_report = gr.Markdown(elem_id="box-report")
             reuse_button = gr.Button("Reuse settings of the selected image", elem_id="reuse-button")
+            with gr.Accordion("Score images (CLIP-T, CLIP-I, DINO-I, CP-CLIP, TI-CLIP, SCR)", open=False, elem_id="score"):
+                gr.Markdown(score_intro(studio), elem_id="score-intro")
+                score_which = gr.Markdown("Nothing to score yet: generate, or click an image in Images or History.",
+                                          elem_id="score-which")
+                score_refs = [gr.File(label="Reference photos", file_count="multiple", file_types=["image"], visible=False,
+                                      elem_id=f"score-refs-{i}") for i in range(SCORE_SLOTS)]
+                score_button = gr.Button("Score", elem_id="score-button")
+                score_status = gr.HTML(elem_id="score-status")
+                score_table = gr.Dataframe(headers=["image", *SCORE_COLUMNS.values()], label="Scores (higher is better; SCR: lower)",
+                                           interactive=False, elem_id="score-table")
     history = gr.Gallery(value=history_items(studio.history()), label="History (saved in the outputs folder)", columns=8, height=240,
                          fit_columns=False, buttons=["download"], elem_id="history")
     selected_image = gr.State(None)
     canvas_size = gr.State((size, size))  # the (width, height) the canvas and the table's boxes are drawn at
     result_paths = gr.State([])
     history_paths = gr.State(studio.history())
+    score_paths = gr.State([])  # the images Score acts on: the one last clicked, or the last generation's
+    score_names = gr.State([])  # the concept each reference upload is for, in order
     form = {mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images, table, fused,
             t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap, bounded_guidance, layout_self_attention,
             layout_cross_attention, layout_retries, added_bootstrap}
@@ -1266,11 +1661,11 @@ def build_generate_tab(studio: Studio) -> dict:
         for state in studio.follow(state.id):
             yield {status: progress_html(state)}
         if state.status != DONE:
-            gr.Warning(state.message)
+            toast(state.message)
             return
         output: GenerationOutput = state.result
         if output.message:
-            gr.Warning(output.message)
+            toast(output.message)
         paths = studio.history()
         yield {results: output.images, result_paths: output.images, stages: output.stages,
                box_report: "\n".join(f"- {line}" for line in output.boxes), history: history_items(paths), history_paths: paths}
@@ -1300,12 +1695,40 @@ def build_generate_tab(studio: Studio) -> dict:
                 canvas_size: (request.width, request.height),
                 status: f"<div>Settings of {html.escape(Path(path).name)} loaded.</div>"}
 
+    def on_score_targets(paths, shown_names: list[str]):
+        """Point Score at `paths` (one path or a list): say which, and give each concept they show an upload."""
+        paths = [p for p in ([paths] if isinstance(paths, str) else paths or []) if p]
+        names = studio.score_concepts(paths)[:SCORE_SLOTS]
+        which = (f"Scoring {html.escape(Path(paths[0]).name)}" + (f" and {len(paths) - 1} more image(s)" if len(paths) > 1 else "")
+                 + (f", which show {', '.join('&lt;' + n + '&gt;' for n in names)}" if names else ", which name no concept")
+                 if paths else "Nothing to score yet: generate, or click an image in Images or History.")
+        update = {score_paths: paths, score_which: which}
+        if names != list(shown_names or []):  # other concepts: fresh uploads (the same ones keep their photos)
+            update[score_names] = names
+            for i, slot in enumerate(score_refs):
+                update[slot] = gr.update(visible=i < len(names), value=None,
+                                         label=reference_label(names[i], studio.library) if i < len(names) else "Reference photos")
+        return update
+
+    def on_score(paths: list[str], shown_names: list[str], *uploads):
+        try:
+            references = {name: list(files or []) for name, files in zip(shown_names or [], uploads)}
+            state = studio.submit_scoring(paths, references)
+        except UserError as error:
+            yield {score_status: warn(error)}
+            return
+        for state in studio.follow(state.id):
+            yield {score_status: progress_html(state)}
+        if state.status != DONE:
+            toast(state.message)
+            return
+        yield {score_status: progress_html(state), score_table: score_rows(state.result)}
+
     def on_estimate(chosen_mode, w, h, n_steps, n_images):
         return generation_estimate(studio, chosen_mode, int(w), int(h), int(n_steps), int(n_images))
 
     def on_cancel():
-        state = studio.cancel_latest("generate")
-        return progress_html(state, "No generation to cancel.")
+        return cancel_html(studio, "generate", "No generation to cancel.")
 
     for control in (mode, width, height, steps, num_images):
         control.change(on_estimate, [mode, width, height, steps, num_images], estimate, show_progress="hidden")
@@ -1314,11 +1737,14 @@ def build_generate_tab(studio: Studio) -> dict:
     width.change(on_size, [width, height, table, canvas_size], [canvas, table, canvas_size])
     height.change(on_size, [width, height, table, canvas_size], [canvas, table, canvas_size])
     mode.change(on_mode, mode, [regional_layout, isolated_layout])
+    score_targets = [score_paths, score_names, score_which, *score_refs]
     generate_button.click(on_generate, inputs=form,
                           outputs=[status, seed, results, result_paths, stages, box_report, history, history_paths],
                           concurrency_limit=None)
-    results.select(on_pick, result_paths, selected_image)
-    history.select(on_pick, history_paths, selected_image)
+    result_paths.change(on_score_targets, [result_paths, score_names], score_targets)  # a finished generation
+    results.select(on_pick, result_paths, selected_image).then(on_score_targets, [selected_image, score_names], score_targets)
+    history.select(on_pick, history_paths, selected_image).then(on_score_targets, [selected_image, score_names], score_targets)
+    score_button.click(on_score, [score_paths, score_names, *score_refs], [score_status, score_table], concurrency_limit=None)
     reuse_button.click(on_reuse, selected_image, [mode, prompt, negative, width, height, seed, random_seed, steps, guidance, num_images,
                                                   fused, t_lay, box_threshold, text_threshold, bounded_self_attention, bootstrap,
                                                   bounded_guidance, layout_self_attention, layout_cross_attention,
@@ -1606,6 +2032,8 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
               safety_checker: bool | None = None) -> gr.Blocks:
     studio = studio or Studio(base_name, library_dir, outputs_dir or Path(library_dir).parent / "outputs", safety_checker)
     quiet_component_file_log()
+    # a checkpoint is 2-4 GB: served from where it was written rather than copied into gradio's cache
+    gr.set_static_paths([studio.outputs / ".exports" / "checkpoints"])
 
     with gr.Blocks(title="Menagerie") as demo:
         gr.Markdown("# Menagerie\nYour own pets, together in one picture: train each pet as a concept, then compose them.")
@@ -1682,7 +2110,8 @@ def main() -> None:
         chosen = {key: getattr(args, key) for key in ("concepts_dir", "outputs_dir") if getattr(args, key) != parser.get_default(key)}
         studio = demo_studio(default_root(storage), chosen.get("concepts_dir"), chosen.get("outputs_dir"), args.safety_checker == "on")
     else:
-        studio = Studio(args.base, args.concepts_dir, args.outputs_dir, safety_enabled(args.safety_checker), args.detector, args.segmenter)
+        studio = Studio(args.base, args.concepts_dir, args.outputs_dir, safety_enabled(args.safety_checker), args.detector, args.segmenter,
+                        clip=args.clip, dino=args.dino, memory=args.memory, compile=args.compile)
     demo = build_app(args.base, args.concepts_dir, args.outputs_dir, studio=studio)
     studio = demo.studio
     demo.queue(default_concurrency_limit=1).launch(

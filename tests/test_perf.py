@@ -274,3 +274,21 @@ def test_compile_cache_lives_beside_the_library_and_is_switched_on(tmp_path, mon
         assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache and folder.is_dir()
     finally:
         configure_performance(base)
+
+
+def test_studio_runs_its_base_with_the_memory_and_compile_flags(tiny_dir, tmp_path, monkeypatch):
+    import torch._functorch.config
+    import torch._inductor.config
+
+    import app
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "unset")  # restored after the test: the compile cache sets them
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", torch._inductor.config.fx_graph_cache)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", torch._functorch.config.enable_autograd_cache)
+    args = app.build_parser().parse_args(["--compile"])
+    assert (args.compile, args.memory) == ("reduce-overhead", "auto")
+    studio = app.Studio(str(tiny_dir), tmp_path / "lib", tmp_path / "out", memory="low", compile="default")
+    base = studio.models.get()
+    assert (base.performance.memory, base.performance.compile) == ("low", "default")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "lib-compile-cache" / "inductor").resolve())
