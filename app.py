@@ -51,8 +51,7 @@ def persistent_dir() -> Path | None:
 def build_parser() -> argparse.ArgumentParser:
     """The studio's command line. It imports nothing heavy (no gradio, torch or model code), so
     `python app.py --help` and a mistyped flag answer at once; `main` parses the same flags."""
-    from pipelines import DEFAULT_BASE, DEFAULT_DETECTOR, DEFAULT_SEGMENTER
-    from pipelines.performance import COMPILE_MODES, MEMORY_MODES
+    from pipelines import COMPILE_MODES, DEFAULT_BASE, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, MEMORY_MODES
     from pipelines.__main__ import default_library
 
     storage = persistent_dir()

@@ -11,3 +11,7 @@ __version__ = "0.1.0"
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pipelines.base
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"  # pipelines.detect: Grounding DINO
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"  # pipelines.detect: SAM
+
+# Speed and memory settings (pipelines.performance), here for the same reason
+MEMORY_MODES = ("auto", "high", "low", "lowest")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")

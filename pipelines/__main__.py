@@ -45,6 +45,9 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # The variables above reach only a library not imported yet; the parser may have imported one.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights' precision (default: bf16/fp16 on GPUs, fp32 on CPU)")
 
     def performance_flags(p):
-        from .performance import COMPILE_MODES, MEMORY_MODES
+        from . import COMPILE_MODES, MEMORY_MODES
 
         p.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                        help="auto (default: chosen from free GPU memory), high, low (gradient checkpointing, 8-bit AdamW"

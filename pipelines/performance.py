@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
+from . import COMPILE_MODES, MEMORY_MODES  # noqa: F401 (defined where `--help` reads them without torch)
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MEMORY_MODES = ("auto", "high", "low", "lowest")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 JOBS = ("train", "sample")
 GIB = 2**30
 
