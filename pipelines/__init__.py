@@ -2,7 +2,10 @@
 
 Modules, one idea each: `base` (load or build base models), `layerwise` (layer-wise prompt
 encoding), `edlora` (ED-LoRA concept weights on a base model), `concept` (the concept library on
-disk), `train` (ED-LoRA training), `sample` (text-to-image sampling), `__main__` (the CLI).
+disk), `train` (ED-LoRA training), `sample` (text-to-image sampling), `regional`, `layout` and
+`isolated` (keeping subjects apart), `fusion` (gradient fusion), `detect` (Grounding DINO + SAM),
+`performance` (memory modes, compile), `export`, `single_file` and `lora_import` (other tools'
+files), `scores` (CLIP/DINO metrics), `__main__` (the CLI).
 """
 
 __version__ = "0.1.0"
