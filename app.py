@@ -99,6 +99,7 @@ from pipelines.concept import ConceptLibrary, check_class_word, check_name, norm
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, model_problem, subject_mask
 from pipelines.errors import UserError
 from pipelines.export import COLLAPSE_LOSS_NOTE, export_for_webui
+from pipelines.files import write_atomic
 from pipelines.fusion import FUSED_FORMAT, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
 from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
@@ -1097,15 +1098,12 @@ def run_scoring(studio: Studio, job: Job, paths: list[str], concepts: dict) -> l
 
 def zip_folder(folder: Path, out: Path) -> Path:
     """The files of `folder` (not its subfolders) in a zip at `out`, written to a temporary name and renamed."""
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             for file in sorted(p for p in folder.iterdir() if p.is_file()):
                 archive.write(file, file.name)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    return write_atomic(out, write)
 
 
 def request_from_metadata(metadata: dict, default_size: int) -> GenerationRequest:

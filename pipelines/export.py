@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import textwrap
-import uuid
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from .edlora import TEXT_MODEL_LEVEL, apply_concept, canonical_keys, lora_rank_of, set_active_adapters, split_state_dict
 from .errors import UserError
+from .files import write_atomic
 from .layerwise import NUM_LAYERS, WORDS, concept_tokens, concept_words, cross_attention_layers, expand_prompt
 
 COLLAPSE_RULE = re.compile(r"mean|distil|layer:(\d+)")
@@ -238,18 +238,6 @@ def save_a1111_embedding(path: str | os.PathLike, token: str, vectors: torch.Ten
         "sd_checkpoint_name": None,
     }
     return write_atomic(path, lambda tmp: torch.save(a1111, tmp))
-
-
-def write_atomic(path: Path, write) -> Path:
-    """`write(tmp)` to a temporary name beside `path`, then rename it into place (no torn files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from PIL import Image
 
 from . import DEFAULT_DETECTOR, hub
 from .errors import UserError
+from .files import write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as CustomConcept101, Mix-of-Show and Gen4Gen
 DEFAULT_DINO = "facebook/dino-vits16"  # DINO ViT-S/16, CustomConcept101's `dino_vits16`
@@ -613,9 +614,5 @@ def format_table(result: dict) -> str:
 
 def write_scores(result: dict, path: str | os.PathLike) -> Path:
     """Write `evaluate`'s result as JSON (atomically)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(result, indent=1, sort_keys=True) + "\n"
+    return write_atomic(Path(path).expanduser(), lambda tmp: tmp.write_text(text))
