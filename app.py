@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                         help="GPU memory mode: auto (per job, from the free memory), high, low or lowest (README, Hardware)")
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default="off", choices=COMPILE_MODES,
-                        help="torch.compile the UNet (bare --compile: reduce-overhead, CUDA graphs: about 2.5x faster training"
+                        help="torch.compile the UNet (bare --compile: reduce-overhead, CUDA graphs: 2-2.8x faster training"
                              " steps on a large GPU after a 2-3 minute first compile; cached beside the library for later runs)")
     parser.add_argument("--demo", action="store_true",
                         help="the offline demo on the toy world (docs/toyworld.md): a small real model, stock pets, the oracle as"
