@@ -627,7 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     library_flag(p)
     p.add_argument("--concepts", required=True, help="comma-separated concept names, e.g. mochi,tama")
-    p.add_argument("--method", default="gradient", choices=["gradient", "weight"], help="gradient fusion (default) or weight averaging")
+    p.add_argument("--method", default="auto", choices=["auto", "gradient", "weight", "custom-diffusion", "cones", "group"],
+                   help="auto (default): what the concepts' kind allows first: gradient fusion for ED-LoRA and imported LoRAs"
+                        " (or weight averaging), Custom Diffusion's closed-form merge, the union of Cones neurons, or a joint"
+                        " group's shared weights")
     p.add_argument("--rcond", type=float, default=None,
                    help="eigenvalue cutoff of the gradient-fusion solve, relative to the largest (default 1e-3); a smaller"
                         " value fits each concept's layer inputs more closely, a larger one generalises more (see"

@@ -95,6 +95,10 @@ class Concept:
     trigger: str = ""  # an imported LoRA's trigger word(s), e.g. "ohwx"; <name> stands for "trigger class_word"
     trigger_prompt: str = ""  # an imported LoRA's prompt as trained, e.g. "photo of ohwx dog"; fusion encodes it
     source_format: str = ""  # an import's key naming: kohya, a1111-ldm, diffusers, diffusers-old, peft, mix-of-show
+    # A group trained together (Gen4Gen / MuDI joint concept, or Custom Diffusion's joint training):
+    # the group's name and all its members' names, this one included; "" and [] for a concept trained alone
+    group: str = ""
+    members: list = field(default_factory=list)
 
     @property
     def token(self) -> str:
@@ -134,6 +138,9 @@ class Concept:
             raise UserError(f"concept record field 'settings' is {record['settings']!r}; expected an object")
         if record.get("kind", "edlora") not in KINDS:
             raise UserError(f"concept record field 'kind' is {record['kind']!r}; expected one of {', '.join(KINDS)}")
+        members = record.get("members", [])
+        if not isinstance(record.get("group", ""), str) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise UserError("concept record fields 'group' and 'members' must be text and a list of names")
         count = record.get("word_count", 2)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(WORD_LABELS):
             raise UserError(f"concept record field 'word_count' is {count!r}; expected an integer from 1 to {len(WORD_LABELS)}")

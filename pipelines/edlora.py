@@ -12,6 +12,17 @@ An imported LoRA (`lora_import`, record kind "lora") has the same file layout wi
 embeddings `[words, 16, d]`, LoRA on any linear or 1x1 conv layer (A `[r, in, 1, 1]`, B `[out, r, 1, 1]`),
 ranks per layer, and a text-encoder or UNet part alone. Its adapters go on exactly the layers
 its tensors name; an ED-LoRA concept names exactly the modules of UNET_TARGETS and TEXT_ENCODER_TARGETS.
+
+The other kinds of concept (issue 16) are stored in their own compact forms and become tokens plus
+one LoRA adapter when loaded (`expand_concept_tensors`), so every sampling mode serves them alike:
+- "custom-diffusion" (Kumari et al. 2023): embeddings [2, 16, d] (the modifier token V*, then the
+  class word) and a dense update `unet.<module>.delta` [out, in] of each cross-attention to_k/to_v;
+  loaded as the exact factors of `dense_as_lora`.
+- "cones" (Liu et al. 2023): embeddings [2, 1, d] (a fixed identifier, the class word; the same in
+  every layer) and `unet.<module>.shut`, int32 flat indices of the K/V weights the concept shuts
+  (sets to 0); loaded as the update -W0 on those entries, as exact factors.
+- "joint": one member of a group trained together (Gen4Gen / MuDI); an ED-LoRA file whose LoRA
+  every member of the group shares.
 """
 
 from __future__ import annotations
@@ -32,7 +43,11 @@ LORA_RANK = 4
 # peft matches a string target with re.fullmatch against each module's full name.
 UNET_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-KINDS = ("edlora", "lora")  # a trained ED-LoRA concept; an imported LoRA (pipelines.lora_import)
+# a trained ED-LoRA concept; an imported LoRA (pipelines.lora_import); Custom Diffusion; Cones; a joint group's member
+KINDS = ("edlora", "lora", "custom-diffusion", "cones", "joint")
+KIND_NAMES = {"edlora": "ED-LoRA", "lora": "imported LoRA", "custom-diffusion": "Custom Diffusion", "cones": "Cones",
+              "joint": "joint group (Gen4Gen)"}
+LORA_SHAPED = ("edlora", "lora", "joint")  # files of LoRA factors as they are
 
 
 # transformers 5 dropped the `text_model.` level of CLIPTextModel's module names (4.x:
@@ -229,20 +244,23 @@ def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None, kind: str
     alone; None checks only what both share (apply_concept: the library checked the file's kind).
     Raises UserError naming the first tensor that does not fit.
     """
+    if kind in ("custom-diffusion", "cones"):
+        check_compact_tensors(tensors, kind, base)
+        return
     embeddings, text, unet = split_state_dict(tensors)
     for key, value in tensors.items():
         if not value.dtype.is_floating_point:
             raise UserError(f"concept tensor {key!r} has dtype {value.dtype}; expected floating point")
         if not torch.isfinite(value).all():
             raise UserError(f"concept tensor {key!r} contains NaN or infinity")
-    words = range(len(WORDS), len(WORDS) + 1) if kind == "edlora" else range(1, len(WORD_LABELS) + 1)
+    words = range(len(WORDS), len(WORDS) + 1) if kind in ("edlora", "joint") else range(1, len(WORD_LABELS) + 1)
     if embeddings.ndim != 3 or embeddings.shape[0] not in words or embeddings.shape[1] != NUM_LAYERS:
         raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; expected [2, 16, d]"
                         f"{'' if kind == 'edlora' else f' (an imported LoRA: [words, 16, d], 1 to {len(WORD_LABELS)} words)'}")
     unknown = [k for k in tensors if k != "embeddings" and not k.startswith(("text_encoder.", "unet."))]
     if unknown:
         raise UserError(f"concept file has unexpected tensors, e.g. {unknown[0]!r}")
-    if kind == "edlora":
+    if kind in ("edlora", "joint"):
         if not text or not unet:
             raise UserError("concept file lacks its text-encoder or UNet LoRA tensors")
         lora_rank_of(tensors)
@@ -251,6 +269,111 @@ def check_concept_tensors(tensors: dict[str, torch.Tensor], base=None, kind: str
     if base is not None:
         _check_fits_base(tensors, base)
     _check_pairs(tensors)
+
+
+COMPACT_SUFFIX = {"custom-diffusion": ".delta", "cones": ".shut"}
+
+
+def check_compact_tensors(tensors: dict[str, torch.Tensor], kind: str, base=None) -> None:
+    """Structural checks of a Custom Diffusion or Cones file (see the module docstring); with `base`,
+    that every layer exists and every delta shape or index fits its weight. Raises UserError."""
+    if "embeddings" not in tensors:
+        raise UserError("concept weights have no 'embeddings' tensor")
+    embeddings = tensors["embeddings"]
+    layers = 1 if kind == "cones" else NUM_LAYERS
+    if embeddings.ndim != 3 or embeddings.shape[0] != len(WORDS) or embeddings.shape[1] != layers or not embeddings.dtype.is_floating_point:
+        raise UserError(f"concept embeddings have shape {tuple(embeddings.shape)}; a {kind} concept needs [2, {layers}, d] floats")
+    suffix = COMPACT_SUFFIX[kind]
+    parts = {k: v for k, v in tensors.items() if k != "embeddings"}
+    if not parts:
+        raise UserError(f"a {kind} concept file holds no unet.<layer>{suffix} tensors")
+    modules = dict(base.unet.named_modules()) if base is not None else {}
+    for key, value in tensors.items():
+        if key != "embeddings" and (not key.startswith("unet.") or not key.endswith(suffix)):
+            raise UserError(f"concept tensor {key!r} is not a unet.<layer>{suffix} tensor of a {kind} concept")
+        if kind == "cones" and key != "embeddings":
+            if value.dtype != torch.int32 or value.ndim != 1:
+                raise UserError(f"concept tensor {key!r} must be 1-d int32 indices; it is {value.dtype} {tuple(value.shape)}")
+            if value.numel() and (value.min() < 0 or bool((value[1:] <= value[:-1]).any())):
+                raise UserError(f"concept tensor {key!r} must hold sorted, distinct, non-negative indices")
+        elif not torch.isfinite(value.float()).all():
+            raise UserError(f"concept tensor {key!r} contains NaN or infinity")
+        elif kind == "custom-diffusion" and key != "embeddings" and (value.ndim != 2 or not value.dtype.is_floating_point):
+            raise UserError(f"concept tensor {key!r} must be a 2-d float [out, in] update; it is {tuple(value.shape)}")
+        if base is None or key == "embeddings":
+            continue
+        module = modules.get(key[len("unet."): -len(suffix)])
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise UserError(f"concept tensor {key!r} names a layer this base model does not have")
+        if kind == "custom-diffusion" and tuple(value.shape) != tuple(weight.shape):
+            raise UserError(f"concept tensor {key!r} has shape {tuple(value.shape)}; this base needs {tuple(weight.shape)}")
+        if kind == "cones" and value.numel() and int(value[-1]) >= weight.numel():
+            raise UserError(f"concept tensor {key!r} indexes past its layer's {weight.numel()} weights")
+    dim = base.text_encoder.get_input_embeddings().weight.shape[1] if base is not None else None
+    if dim is not None and embeddings.shape[2] != dim:
+        raise UserError(f"concept embeddings are {embeddings.shape[2]}-d; this base's text encoder uses {dim}-d")
+
+
+def dense_as_lora(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LoRA factors (A [r, in], B [out, r]) of a dense update, r = min(out, in): B @ A == delta.
+
+    One factor is the identity and the other the update itself, so nothing is approximated (a
+    Custom Diffusion K/V update has full rank) and peft serves the update as any other adapter.
+    """
+    out_features, in_features = delta.shape
+    if out_features <= in_features:
+        return delta.clone(), torch.eye(out_features, dtype=delta.dtype)
+    return torch.eye(in_features, dtype=delta.dtype), delta.clone()
+
+
+def shut_update(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The update that shuts (zeroes) the entries `indices` of `weight`: -W0 there, 0 elsewhere."""
+    update = torch.zeros(weight.numel(), dtype=torch.float32)
+    flat = weight.detach().float().cpu().reshape(-1)
+    update[indices.long()] = -flat[indices.long()]
+    return update.reshape(weight.shape)
+
+
+def base_weight(base, module_name: str) -> torch.Tensor:
+    """The frozen weight of a UNet layer (under a peft wrapper, the wrapped layer's)."""
+    module = base.unet.get_submodule(module_name)
+    return getattr(module, "base_layer", module).weight
+
+
+def compact_kind(tensors: dict[str, torch.Tensor]) -> str | None:
+    """"custom-diffusion" or "cones" when `tensors` are in that compact form, else None."""
+    for key in tensors:
+        if key.endswith(".delta"):
+            return "custom-diffusion"
+        if key.endswith(".shut"):
+            return "cones"
+    return None
+
+
+def dense_updates(tensors: dict[str, torch.Tensor], base) -> dict[str, torch.Tensor]:
+    """A Custom Diffusion or Cones concept's updates, "unet.<module>" -> dense float32 [out, in]."""
+    updates = {}
+    for key, value in tensors.items():
+        if key.endswith(".delta"):
+            updates[key[: -len(".delta")]] = value.float()
+        elif key.endswith(".shut"):
+            module = key[len("unet."): -len(".shut")]
+            updates[key[: -len(".shut")]] = shut_update(base_weight(base, module), value)
+    return updates
+
+
+def expand_concept_tensors(tensors: dict[str, torch.Tensor], base) -> dict[str, torch.Tensor]:
+    """Any kind's tensors in the LoRA form `apply_concept` loads: embeddings [w, 16, d] and
+    `<module>.lora_A/B.weight` factors. ED-LoRA-shaped files come back as they are."""
+    if compact_kind(tensors) is None:
+        return tensors
+    embeddings = tensors["embeddings"]
+    out = {"embeddings": embeddings.expand(-1, NUM_LAYERS, -1).contiguous() if embeddings.shape[1] == 1 else embeddings}
+    for key, update in dense_updates(tensors, base).items():
+        down, up = dense_as_lora(update)
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = down, up
+    return out
 
 
 def _check_fits_base(tensors: dict[str, torch.Tensor], base) -> None:
@@ -303,9 +426,15 @@ def apply_concept(base, name: str, tensors: dict[str, torch.Tensor], lora_scale:
     `lora_scale` multiplies the LoRA deltas (Mix-of-Show suggests 0.7 for one ED-LoRA at inference).
     LoRA weights are kept in fp32; peft computes the adapter branch in that precision.
     """
+    if compact_kind(tensors) is not None:
+        lora_scale = 1.0  # the methods' updates as found: a scaled shut neuron or K/V update is neither method's
     digest = tensors_digest(tensors, lora_scale)
     if base.loaded_concepts.get(name) == digest:
         return  # already loaded with these weights and scale: re-injecting costs seconds at SD size
+    kind = compact_kind(tensors)
+    if kind is not None:
+        check_compact_tensors(tensors, kind, base)
+        tensors = expand_concept_tensors(tensors, base)
     check_concept_tensors(tensors, base, kind=None)
     embeddings, text, unet = split_state_dict(keys_for_model(tensors, base.text_encoder))
     ensure_layerwise(base)

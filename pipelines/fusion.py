@@ -55,7 +55,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,9 +66,11 @@ from .base import BaseModel
 from .errors import Cancelled, UserError
 from .layerwise import (NUM_LAYERS, add_concept_tokens, concept_tokens, concept_words, cross_attention_layers, encode_layerwise,
                         expand_prompt, install_layerwise_attention)
-from .edlora import apply_concept, canonical_keys, keys_for_model, lora_layers, set_active_adapters, text_module_name
+from .edlora import (KIND_NAMES, LORA_SHAPED, apply_concept, canonical_keys, expand_concept_tensors, keys_for_model, lora_layers,
+                     set_active_adapters, text_module_name)
 
-METHODS = ("gradient", "weight")
+METHODS = ("gradient", "weight", "custom-diffusion", "cones", "group")
+KIND_MERGES = ("custom-diffusion", "cones", "group")  # merges of the other concept kinds (issue 16), `_merge_kinds`
 FUSED_WEIGHTS = "fused.safetensors"
 FUSED_RECORD = "fused.json"
 REPORT_FILE = "report.json"
@@ -86,7 +88,9 @@ SIGNATURE_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: str = "gradient"  # "gradient" (gradient fusion, closed form) or "weight" (weight averaging)
+    # "auto": what the concepts' kind allows first (`merge_methods`); "gradient" (gradient fusion, closed form),
+    # "weight" (weight averaging), "custom-diffusion" (its closed-form merge), "cones" (union), "group" (shared weights)
+    method: str = "auto"
     rcond: float = 1e-3  # eigenvalues of sum G_i below rcond * largest count as zero (see the module docstring)
     spatial_steps: int = 20  # denoising steps of the per-concept sample feeding the UNet spatial layers
     seed: int = 0  # seed of those samples (Mix-of-Show leaves them unseeded)
@@ -399,8 +403,8 @@ def fuse_concepts(
     from .sample import make_scheduler
 
     # 1. Check inputs
-    if config.method not in METHODS:
-        raise UserError(f"--method {config.method!r} is not known; use gradient or weight")
+    if config.method not in METHODS + ("auto",):
+        raise UserError(f"--method {config.method!r} is not known; use auto or one of {', '.join(METHODS)}")
     if not 0 < config.rcond < 1:
         raise UserError(f"--rcond {config.rcond} is out of range; use a value between 0 and 1 such as 1e-3 (the default)")
     if not names:
@@ -417,6 +421,7 @@ def fuse_concepts(
         raise UserError(f"cannot fuse concepts trained on different base models: {detail}")
     for record in records:
         check_compatible(record, base)
+    config = replace(config, method=resolve_method(records, config.method))
     key = cache_key(base, library, names, config)
     folder = Path(out_dir) if out_dir else library.root / ".fused" / key
     if base.fused is not None and Path(base.fused) != folder:
@@ -425,6 +430,9 @@ def fuse_concepts(
         cached = _read_record(folder)
         if cached.get("key") == key and cached.get("format") == FUSED_FORMAT:
             return load_fused(base, folder)
+
+    if config.method in KIND_MERGES:
+        return _merge_kinds(base, library, names, records, config, key, folder, cancel)
 
     started = time.perf_counter()
     # a damaged or unfitting file names its concept; text-encoder keys as this transformers names them
@@ -536,6 +544,102 @@ def fuse_concepts(
         "concept_records": [r.to_json() for r in records],
     }
     _save_fused(folder, tensors_out, record, report)
+    base.fused = str(folder)
+    return FusedModel(folder=folder, concepts=names, method=config.method, record=record, report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which merge each kind of concept allows (issue 16)
+
+
+def merge_methods(kinds: list[str], groups: list[str]) -> list[str]:
+    """The merges concepts of `kinds` (and joint `groups`, "" for none) allow, the default first; [] for none.
+
+    LoRA-shaped concepts (ED-LoRA, imported LoRAs, members of different joint groups): gradient fusion
+    or weight averaging. Members of one group: their shared weights as trained ("group"). Custom
+    Diffusion: its closed-form merge. Cones: the union of the concepts' neurons.
+    """
+    kinds_set = set(kinds)
+    if len(kinds_set) == 1 and len(set(groups)) == 1 and groups[0] and kinds_set <= {"joint", "custom-diffusion"}:
+        return ["group"]
+    if kinds_set == {"custom-diffusion"}:
+        return ["custom-diffusion"]
+    if kinds_set == {"cones"}:
+        return ["cones"]
+    if kinds_set <= set(LORA_SHAPED):
+        return ["gradient", "weight"]
+    return []
+
+
+def resolve_method(records: list, method: str) -> str:
+    """`method` ("auto": the kinds' default merge) checked against what the concepts' kinds allow."""
+    allowed = merge_methods([r.kind for r in records], [r.group for r in records])
+    if not allowed:
+        described = ", ".join(f"<{r.name}> ({KIND_NAMES.get(r.kind, r.kind)})" for r in records)
+        raise UserError(f"these concepts cannot be merged into one model: {described}. ED-LoRA, imported LoRAs and joint-group members merge with"
+                        f" each other, Custom Diffusion and Cones concepts only with their own kind; choose concepts of one"
+                        f" kind, or use isolated sampling, which loads each concept on its own")
+    if method == "auto":
+        return allowed[0]
+    if method not in allowed:
+        raise UserError(f"--method {method} does not merge {', '.join('<' + r.name + '>' for r in records)}; their kind allows"
+                        f" {' or '.join(allowed)}")
+    return method
+
+
+def group_updates(base: BaseModel, names: list[str], tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The weights a group's members share (trained together), as updates "text_encoder.<m>" / "unet.<m>" -> W - W0.
+
+    Every member's file holds the same shared weights; a member retrained apart would not, and is refused.
+    """
+    expanded = [expand_concept_tensors(t, base) for t in tensors]
+    shared = [{f"{prefix}.{k}": v for prefix in ("text_encoder", "unet") for k, v in concept_deltas(t, prefix).items()} for t in expanded]
+    for name, deltas in zip(names[1:], shared[1:]):
+        if deltas.keys() != shared[0].keys() or any(not torch.allclose(deltas[k], shared[0][k], atol=1e-7) for k in deltas):
+            raise UserError(f"<{name}> does not hold the same shared weights as <{names[0]}>: retrain the group together,"
+                            f" or merge them with their kind's other merge")
+    return shared[0]
+
+
+def _merge_kinds(base: BaseModel, library, names: list[str], records: list, config: FusionConfig, key: str, folder: Path,
+                 cancel: threading.Event | None) -> FusedModel:
+    """Merge concepts of the other kinds into one model: Custom Diffusion's closed form, Cones' union,
+    or a group's shared weights. Stored and loaded as any fused model (updates W - W0 and tokens)."""
+    started = time.perf_counter()
+    tensors = [keys_for_model(library.weights(name, base), base.text_encoder) for name in names]
+    _check_cancel(cancel)
+    for name, t in zip(names, tensors):
+        apply_concept(base, name, t, lora_scale=1.0)
+    install_layerwise_attention(base.unet)
+    with torch.no_grad():
+        if config.method == "custom-diffusion":
+            from .custom_diffusion import merge_custom_diffusion, regularization_captions
+
+            captions = regularization_captions(sorted({r.class_word for r in records}))
+            updates, report = merge_custom_diffusion(base, names, tensors, captions=captions)
+        elif config.method == "cones":
+            from .cones import merge_cones
+
+            updates, report = merge_cones(base, names, tensors)
+        else:
+            updates = group_updates(base, names, tensors)
+            report = {"method": "group", "concepts": names, "summary": {}, "layers": {}, "outliers": []}
+    for model in (base.text_encoder, base.unet):
+        set_active_adapters(model, [])
+    signature = base_signature(base, list(updates))
+    tensors_out = {k: v.float().cpu().contiguous() for k, v in canonical_keys(updates).items()}
+    for name, t in zip(names, tensors):
+        embeddings = t["embeddings"].float()
+        tensors_out[f"concepts.{name}"] = embeddings.expand(-1, NUM_LAYERS, -1).contiguous() if embeddings.shape[1] == 1 else embeddings.contiguous()
+    record = {
+        "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
+        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": canonical_keys(signature),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
+        "concept_records": [r.to_json() for r in records],
+    }
+    _save_fused(folder, tensors_out, record, report)
+    for model, prefix in ((base.text_encoder, "text_encoder."), (base.unet, "unet.")):
+        _apply_updates(model, {k[len(prefix):]: v for k, v in updates.items() if k.startswith(prefix)})
     base.fused = str(folder)
     return FusedModel(folder=folder, concepts=names, method=config.method, record=record, report=report)
 

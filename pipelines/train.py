@@ -59,6 +59,7 @@ from .edlora import (
     UNET_TARGETS,
     add_lora,
     concept_state_dict,
+    lora_layers,
     lora_parameters,
     set_active_adapters,
 )
@@ -92,6 +93,10 @@ OBJECT_TEMPLATES = (
 EXAMPLES_PER_PHOTO = 500  # Mix-of-Show's dataset_enlarge_ratio
 CHECKPOINT_FILE = "checkpoint.pt"
 COMPANION_SAMPLE_STEPS = 20  # DPM-Solver++ steps of each companion / prior scene sample
+SINGLE_KINDS = ("edlora", "custom-diffusion", "cones")  # kinds train_concept trains
+GROUP_KINDS = ("joint", "custom-diffusion")  # kinds train_group trains
+KV_TARGETS = r".*attn2\.(to_k|to_v)"  # Custom Diffusion's crossattn_kv: the UNet's cross-attention K and V
+BACKGROUND_IMAGES = 8  # base-model pictures of a group's background prompt, drawn at the start
 MAX_BASE_SAMPLES = 64  # companion_images and prior_images at most (sample_loaded's num_images limit)
 COMPOSITE_SCALE = (0.75, 1.0)  # MuDI Seg-Mix: each subject at U(0.75, 1) x the fit of its half
 
@@ -125,6 +130,19 @@ class TrainConfig:
     companion_images: int = 8  # one-animal base-model samples made at the start, for composites
     prior_probability: float = 0.0  # chance an example is a two-animal prior scene (no concept)
     prior_images: int = 8  # two-animal base-model samples made at the start, for prior scenes
+    # The kind of concept (pipelines.edlora.KINDS): "edlora", "custom-diffusion" or "cones" for one pet;
+    # "joint" (or "custom-diffusion") for a group trained together with `train_group`
+    kind: str = "edlora"
+    # Custom Diffusion (Kumari et al. 2023): one learning rate for the modifier token and the K/V weights
+    # (diffusers' recipe: 1e-5 x batch 2 x 2 GPUs x 2 with prior preservation = 8e-5)
+    lr_kv: float = 8e-5
+    # chance an example is a base-model picture of the class word with its own caption (DreamBooth /
+    # Custom Diffusion prior preservation with generated class images; the paper's real LAION images need a network)
+    class_prior_probability: float = 0.0
+    class_images: int = 8  # class-word base-model samples made at the start, for class priors
+    # Cones (Liu et al. 2023; the settings of the Gothos/Cones port): soft-shrink rate and how many neurons to shut
+    cones_shrink: float = 2e-5
+    cones_max_neurons: int = 20000  # int32 indices: 80 KB at most
 
 
 @dataclass
@@ -375,12 +393,14 @@ def sample_prompts(base: BaseModel, prompts: list[str], resolution: int, seed: i
     return images
 
 
-def sample_companions(base: BaseModel, config: TrainConfig, resolution: int):
-    """The base model's companions (word, image) and prior scenes (caption, image) for `config`.
+def sample_companions(base: BaseModel, config: TrainConfig, resolution: int, class_words: tuple[str, ...] = ()):
+    """The base model's companions (word, image), prior scenes and class pictures (caption, image) for `config`.
 
     Made once at the start of training, before the concept exists, with every adapter off. Only
-    what the config uses is made (composites need companions, prior scenes need scenes).
+    what the config uses is made (composites need companions, prior scenes need scenes, class
+    priors "a photo of a <class>" for each of `class_words`, default the config's class word).
     """
+    class_words = tuple(dict.fromkeys(class_words or (config.class_word,)))
     words = companion_words(config)
     for model in (base.text_encoder, base.unet):
         set_active_adapters(model, [])  # concepts loaded earlier must not draw the companions
@@ -393,8 +413,14 @@ def sample_companions(base: BaseModel, config: TrainConfig, resolution: int):
     if config.prior_probability > 0:
         prompts = prior_scene_prompts(words, config.prior_images)
         prior_scenes = list(zip(prompts, sample_prompts(base, prompts, resolution, config.seed)))
-    logger.info("sampled %d companions and %d prior scenes with the base model", len(companions), len(prior_scenes))
-    return companions, prior_scenes
+    class_priors: list[tuple[str, Image.Image]] = []
+    if config.class_prior_probability > 0:
+        prompts = [f"a photo of a {word}" for word in class_words] * config.class_images
+        prompts = prompts[: max(config.class_images, len(class_words))]
+        class_priors = list(zip(prompts, sample_prompts(base, prompts, resolution, config.seed + 7919)))
+    logger.info("sampled %d companions, %d prior scenes and %d class pictures with the base model", len(companions),
+                len(prior_scenes), len(class_priors))
+    return companions, prior_scenes, class_priors
 
 
 def _images_to_state(pairs: list[tuple[str, Image.Image]]) -> list[tuple[str, torch.Tensor]]:
@@ -466,11 +492,12 @@ def attention_regulariser(maps: dict[int, torch.Tensor], subject_masks: torch.Te
     return total
 
 
-def concept_token_positions(tokenizer, prompts: list[str], name: str) -> torch.Tensor:
+def concept_token_positions(tokenizer, prompts: list[str], name: str, known: set[str] | None = None) -> torch.Tensor:
     """`[B, 2]` positions of V_rand and V_class in each prompt's token ids, -1 where the prompt does not
-    name the concept. Copy 0 is used: each layer-wise copy has its tokens at the same positions."""
+    name the concept. Copy 0 is used: each layer-wise copy has its tokens at the same positions.
+    `known`: every concept the prompts may name (a group's members), default `name` alone."""
     wanted = tokenizer.convert_tokens_to_ids([f"<{name}-r0>", f"<{name}-c0>"])
-    texts = [expand_prompt(p, 0, {name}) if name in concepts_in(p) else p for p in prompts]
+    texts = [expand_prompt(p, 0, known or {name}) if name in concepts_in(p) else p for p in prompts]
     rows = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return torch.tensor([[ids.index(t) if t in ids else -1 for t in wanted] for ids in rows], dtype=torch.long)
 
@@ -594,13 +621,20 @@ def check_train_config(config: TrainConfig, photo_count: int) -> TrainConfig:
             raise UserError(f"{label} must be 0 or more, got {value}")
     if not config.attn_reg_weight >= 0:
         raise UserError(f"attn_reg_weight must be 0 or more (0 turns the attention regulariser off), got {config.attn_reg_weight}")
-    chances = (("multi_subject_probability", config.multi_subject_probability), ("prior_probability", config.prior_probability))
+    if config.kind not in SINGLE_KINDS + GROUP_KINDS:
+        raise UserError(f"kind {config.kind!r} is not known; use one of {', '.join(dict.fromkeys(SINGLE_KINDS + GROUP_KINDS))}")
+    if not config.lr_kv >= 0:
+        raise UserError(f"lr_kv must be 0 or more, got {config.lr_kv}")
+    chances = (("multi_subject_probability", config.multi_subject_probability), ("prior_probability", config.prior_probability),
+               ("class_prior_probability", config.class_prior_probability))
     for label, value in chances:
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{label} must be between 0 and 1 (the chance a training example is one), got {value}")
-    if config.multi_subject_probability + config.prior_probability > 1.0:
-        raise UserError(f"multi_subject_probability + prior_probability must be at most 1, got {config.multi_subject_probability}"
-                        f" + {config.prior_probability}; lower one of them")
+    if sum(value for _, value in chances) > 1.0:
+        raise UserError(f"multi_subject_probability + prior_probability + class_prior_probability must be at most 1, got"
+                        f" {' + '.join(str(value) for _, value in chances)}; lower one of them")
+    if config.class_prior_probability > 0 and (not isinstance(config.class_images, int) or not 1 <= config.class_images <= MAX_BASE_SAMPLES):
+        raise UserError(f"class_images must be an integer from 1 to {MAX_BASE_SAMPLES}, got {config.class_images}")
     companions = tuple(config.companions)
     if config.multi_subject_probability > 0 or config.prior_probability > 0:
         if not companions:
@@ -633,32 +667,35 @@ def _check_companion_tokens(tokenizer, words: tuple[str, ...]) -> None:
             raise UserError(f"companion {word!r} is {count} tokens for CLIP; choose a common single word (dog, cat, bird...)")
 
 
-def _trainable_state(vectors: torch.Tensor, text_params: list, unet_params: list) -> dict[str, torch.Tensor]:
-    state = {"embeddings": vectors.detach().clone()}
+def _trainable_state(vectors: list[torch.Tensor], text_params: list, unet_params: list) -> dict[str, torch.Tensor]:
+    state = {("embeddings" if i == 0 else f"embeddings.{i}"): v.detach().clone() for i, v in enumerate(vectors)}
     state.update({f"text.{i}": p.detach().clone() for i, p in enumerate(text_params)})
     state.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(unet_params)})
     return state
 
 
 def _example_kind(config: TrainConfig, rng: random.Random) -> str:
-    """"prior", "composite" or "single"; draws from `rng` only when composites or priors are on,
-    so the default configuration makes the same batches as before they existed."""
-    if config.multi_subject_probability == 0 and config.prior_probability == 0:
+    """"prior", "composite", "class" or "single"; draws from `rng` only when composites or priors are
+    on, so the default configuration makes the same batches as before they existed."""
+    if config.multi_subject_probability == 0 and config.prior_probability == 0 and config.class_prior_probability == 0:
         return "single"
     draw = rng.random()
     if draw < config.prior_probability:
         return "prior"
     if draw < config.prior_probability + config.multi_subject_probability:
         return "composite"
+    if draw < config.prior_probability + config.multi_subject_probability + config.class_prior_probability:
+        return "class"
     return "single"
 
 
 def _make_batch(photos, masks, config: TrainConfig, resolution: int, latent_size: int, rng: random.Random,
-                companions=(), prior_scenes=()):
+                companions=(), prior_scenes=(), class_priors=()):
     """One batch on the CPU: random examples, augmented, with captions from templates.
 
     An example is one photo (crop-and-paste), or with `multi_subject_probability` a composite of it
-    beside a companion (`make_composite`), or with `prior_probability` a prior scene. Returns pixels
+    beside a companion (`make_composite`), or with `prior_probability` a prior scene, or with
+    `class_prior_probability` a class-word picture (prior preservation). Returns pixels
     `[B, 3, S, S]`, loss masks `[B, 1, s, s]`, subject masks for the attention regulariser
     `[B, 1, s, s]` (all ones where there is none, which the regulariser skips) and prompts.
     """
@@ -666,8 +703,9 @@ def _make_batch(photos, masks, config: TrainConfig, resolution: int, latent_size
     everything = Image.new("L", (resolution, resolution), 255)
     for _ in range(config.batch_size):
         kind = _example_kind(config, rng)
-        if kind == "prior":  # the base model's own scene and caption, loss everywhere, no concept
-            prompt, canvas = prior_scenes[rng.randrange(len(prior_scenes))]
+        if kind in ("prior", "class"):  # the base model's own picture and caption, loss everywhere, no concept
+            pool = prior_scenes if kind == "prior" else class_priors
+            prompt, canvas = pool[rng.randrange(len(pool))]
             canvas, loss_area, subject = canvas.resize((resolution, resolution), Image.BICUBIC), everything, None
         else:
             index = rng.randrange(len(photos))
@@ -696,6 +734,16 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class GroupMember:
+    """One pet of a group trained together (`train_group`): its name, class word, photos and optional masks."""
+
+    name: str
+    class_word: str
+    photos: list
+    masks: list | None = None
+
+
 def train_concept(
     base: BaseModel,
     photos: list[Image.Image],
@@ -706,7 +754,10 @@ def train_concept(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train one ED-LoRA concept on `photos`; the concept stays loaded in `base` under its name.
+    """Train one concept of kind `config.kind` on `photos`; it stays loaded in `base` under its name.
+
+    Kinds: "edlora" (ED-LoRA, the default), "custom-diffusion" (the modifier token and the
+    cross-attention K/V, Kumari et al. 2023) and "cones" (concept neurons, `pipelines.cones`).
 
     Args:
         base: the base model; frozen weights are used in its dtype, and its `performance` settings
@@ -720,21 +771,176 @@ def train_concept(
         checkpoint_dir: where checkpoints go (every `checkpoint_every` steps and on cancel).
         resume: continue from the checkpoint in `checkpoint_dir` if there is one.
     """
-    # 1. Check inputs
-    here = init_distributed(base.device)
-    if config.steps is None and here.size > 1:  # the same examples in all, spread over the processes
-        config = replace(config, steps=default_steps(len(photos), config.batch_size * here.size))
-    config = check_train_config(config, len(photos))
+    if config.kind == "cones":
+        from .cones import find_concept_neurons
+
+        return find_concept_neurons(base, photos, config, masks=masks, callback=callback, cancel=cancel,
+                                    checkpoint_dir=checkpoint_dir, resume=resume)
+    if config.kind not in SINGLE_KINDS:
+        raise UserError(f"kind {config.kind!r} is not one concept's: use {', '.join(SINGLE_KINDS)}"
+                        f"{' (a joint concept is trained for a group of pets with train-group)' if config.kind == 'joint' else ''}")
     if masks is not None and len(masks) != len(photos):
         raise UserError(f"{len(masks)} masks for {len(photos)} photos; give one mask per photo")
+    member = GroupMember(config.name, config.class_word, photos, masks)
+    return _train(base, [member], config, None, "", callback, cancel, checkpoint_dir, resume)[0]
+
+
+def train_group(
+    base: BaseModel,
+    members: list[GroupMember],
+    config: TrainConfig,
+    backgrounds: list[Image.Image] | None = None,
+    background_prompt: str = "",
+    callback: Callable[[TrainProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> list[TrainResult]:
+    """Train a group of pets together as one model (Gen4Gen / MuDI): one concept per member.
+
+    `config.kind` "joint" trains ED-LoRA words per member and one shared LoRA; "custom-diffusion"
+    is Custom Diffusion's joint training (a modifier token per member, one set of K/V weights).
+    `config.name` names the group. With chance `config.multi_subject_probability` an example is a
+    composite of every member (`pipelines.composites`) on a background: the user's `backgrounds`,
+    or base-model pictures of `background_prompt`, or black (MuDI's Seg-Mix); its loss is averaged
+    per pet (each pet's own mask, plus the background when it is a picture), so a small pet counts
+    as much as a large one. Other examples are one member's photo, as in single training.
+    Returns one TrainResult per member, in order; each member's file holds the shared weights.
+    """
+    if config.kind not in GROUP_KINDS:
+        raise UserError(f"a group is trained as {' or '.join(GROUP_KINDS)}, not {config.kind!r}")
+    if len(members) < 2:
+        raise UserError("a group needs at least two pets; train a single pet with train")
+    names = [check_name(m.name, "pet name") for m in members]
+    if len(set(names)) != len(names):
+        raise UserError(f"a pet is named twice in the group: {', '.join(names)}")
+    if config.name in names:
+        raise UserError(f"the group's name {config.name!r} is also a pet's; give the group its own name, e.g. {'-'.join(names)}")
+    for member in members:
+        if member.masks is not None and len(member.masks) != len(member.photos):
+            raise UserError(f"<{member.name}>: {len(member.masks)} masks for {len(member.photos)} photos; give one mask per photo")
+        if not member.photos:
+            raise UserError(f"<{member.name}> has no photos; upload at least one photo of each pet")
+    from .composites import check_members
+
+    check_members([(m.photos, m.masks) for m in members], names)
+    if backgrounds and not background_prompt.strip():
+        raise UserError("background photos need a background prompt that says what they show, e.g. 'in a garden'")
+    if config.multi_subject_probability <= 0:
+        raise UserError("multi_subject_probability is 0: a group learns from composites of its pets; use 0.5 (the default of train-group)")
+    return _train(base, list(members), config, backgrounds, background_prompt, callback, cancel, checkpoint_dir, resume)
+
+
+def _member_tensors(base: BaseModel, config: TrainConfig, adapter: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What one member's concept file holds (see `pipelines.edlora` for each kind's layout)."""
+    if config.kind != "custom-diffusion":
+        return concept_state_dict(base, adapter, vectors)
+    tensors = {"embeddings": vectors.detach().float().cpu().contiguous()}
+    for name, layer in lora_layers(base.unet).items():
+        if adapter in layer.lora_B:  # A is the identity: the update B @ A is B
+            tensors[f"unet.{name}.delta"] = layer.lora_B[adapter].weight.detach().float().cpu().contiguous()
+    return tensors
+
+
+def _add_kv_updates(base: BaseModel, adapter: str) -> list[torch.nn.Parameter]:
+    """Custom Diffusion's trainable K/V: a dense update of every cross-attention to_k/to_v, as a
+    peft adapter whose A is a frozen identity and whose B (zero at first) trains: W0 + B."""
+    width = cross_attention_layers(base.unet)[0][1].to_k.in_features
+    add_lora(base.unet, adapter, KV_TARGETS, width)
+    trainable = []
+    for layer in lora_layers(base.unet).values():
+        if adapter in layer.lora_A:
+            layer.lora_A[adapter].weight.data = torch.eye(width, device=base.device)
+            layer.lora_A[adapter].weight.requires_grad_(False)
+            trainable.append(layer.lora_B[adapter].weight)
+    return trainable
+
+
+def region_masked_mse(prediction: torch.Tensor, target: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """`masked_mse` per region, averaged over each example's non-empty regions, then over the batch.
+
+    regions: [B, K, h, w] of 0/1 (K = 1: exactly `masked_mse`). A group composite has one region
+    per pet (and the background), so each pet weighs the same whatever its size.
+    """
+    per_pixel = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=1, keepdim=True)
+    area = regions.sum(dim=(2, 3))  # [B, K]
+    per_region = (per_pixel * regions).sum(dim=(2, 3)) / area.clamp(min=1.0)
+    counted = (area > 0).float()
+    return ((per_region * counted).sum(1) / counted.sum(1).clamp(min=1.0)).mean()
+
+
+def _make_group_batch(members: list[GroupMember], config: TrainConfig, resolution: int, latent_size: int, rng: random.Random,
+                      backgrounds, background_is_picture: bool, background_prompt: str, class_priors=()):
+    """One batch of a group: composites of every member, single members' photos, class pictures.
+
+    Returns pixels [B, 3, S, S], loss regions [B, n + 1, s, s] (each pet, then the background of a
+    picture), subject masks [B, n, s, s] for the attention regulariser (ones where a pet is absent,
+    which it skips) and prompts.
+    """
+    from .composites import make_group_example
+
+    count = len(members)
+    everything = Image.new("L", (resolution, resolution), 255)
+    pixels, regions, subjects, prompts = [], [], [], []
+    for _ in range(config.batch_size):
+        kind = _example_kind(config, rng)
+        region = torch.zeros(count + 1, latent_size, latent_size)
+        subject = torch.ones(count, latent_size, latent_size)
+        if kind == "composite":
+            # <name> already holds its class word (V_class, or Custom Diffusion's second word): no class words
+            canvas, masks, prompt = make_group_example([(m.photos, m.masks) for m in members], backgrounds,
+                                                       [m.name for m in members], None, background_prompt, resolution, rng)
+            for i, mask in enumerate(masks):
+                region[i] = downsample_mask(mask, latent_size)[0]
+                subject[i] = region[i]
+            if background_is_picture:
+                region[count] = (1 - region[:count].amax(0)).clamp(min=0)
+        elif kind == "class":
+            prompt, canvas = class_priors[rng.randrange(len(class_priors))]
+            canvas = canvas.resize((resolution, resolution), Image.BICUBIC)
+            region[count] = downsample_mask(everything, latent_size)[0]
+        else:  # one member's photo, as in single training
+            i = rng.randrange(count)
+            member = members[i]
+            index = rng.randrange(len(member.photos))
+            canvas, cut, pasted = resize_crop_paste(member.photos[index], member.masks[index] if member.masks else None,
+                                                    resolution, config.crop_probability, rng)
+            region[i] = downsample_mask(cut if cut is not None else pasted, latent_size)[0]
+            if cut is not None:
+                subject[i] = region[i]
+            prompt = caption(member.name, rng)
+        pixels.append(to_tensors(canvas, everything, latent_size)[0])
+        regions.append(region)
+        subjects.append(subject)
+        prompts.append(prompt)
+    return torch.stack(pixels), torch.stack(regions), torch.stack(subjects), prompts
+
+
+def _train(base: BaseModel, members: list[GroupMember], config: TrainConfig, backgrounds, background_prompt: str,
+           callback, cancel, checkpoint_dir, resume) -> list[TrainResult]:
+    """The training loop of every gradient-trained kind: one pet (`train_concept`) or a group (`train_group`)."""
+    # 1. Check inputs
+    group = len(members) > 1 or config.kind == "joint"
+    here = init_distributed(base.device)
+    photo_count = sum(len(m.photos) for m in members)
+    if config.steps is None and here.size > 1:  # the same examples in all, spread over the processes
+        config = replace(config, steps=default_steps(photo_count, config.batch_size * here.size))
+    config = check_train_config(replace(config, class_word=members[0].class_word) if group else config, photo_count)
+    if group:
+        members = [replace(m, class_word=check_class_word(m.class_word)) for m in members]
     resolution = config.resolution or base.native_resolution
     if resolution % (base.vae_scale_factor * 8):
         raise UserError(f"--resolution {resolution} must be a multiple of {base.vae_scale_factor * 8}")
     latent_size = resolution // base.vae_scale_factor
-    v_class = _class_embedding(base, config.class_word)
-    uses_companions = config.multi_subject_probability > 0 or config.prior_probability > 0
+    class_embeddings = [_class_embedding(base, m.class_word) for m in members]
+    uses_companions = not group and (config.multi_subject_probability > 0 or config.prior_probability > 0)
     if uses_companions:
         _check_companion_tokens(base.tokenizer, companion_words(config))
+    background_pictures = list(backgrounds or [])
+    if group and background_pictures:
+        from .composites import load_backgrounds
+
+        background_pictures = load_backgrounds(background_pictures)
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     payload = None
     if resume and checkpoint_path is not None and checkpoint_path.exists():
@@ -743,50 +949,72 @@ def train_concept(
         if saved != {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "preview_every")}:
             raise UserError(f"the checkpoint in {checkpoint_dir} was made with other settings; train without --resume to start over")
 
-    # 2. Companions and prior scenes: the base model's own pictures, before the concept exists
-    companions, prior_scenes = [], []
-    if payload is not None and uses_companions:  # the very images of the interrupted run
+    # 2. The base model's own pictures, before the concept exists: companions, prior scenes, class
+    #    pictures, and a group's backgrounds drawn from its prompt
+    companions, prior_scenes, class_priors = [], [], []
+    needs_class = config.class_prior_probability > 0
+    drawn_backgrounds = group and not background_pictures and bool(background_prompt.strip())
+    if payload is not None:  # the very images of the interrupted run
         companions, prior_scenes = _images_from_state(payload["companions"]), _images_from_state(payload["prior_scenes"])
-    elif uses_companions:
-        companions, prior_scenes = sample_companions(base, config, resolution)
+        class_priors = _images_from_state(payload.get("class_priors", []))
+        if drawn_backgrounds:
+            background_pictures = [image for _, image in _images_from_state(payload.get("backgrounds", []))]
+    else:
+        if uses_companions or needs_class:
+            sampling = config if uses_companions else replace(config, multi_subject_probability=0.0, prior_probability=0.0)
+            companions, prior_scenes, class_priors = sample_companions(base, sampling, resolution, tuple(m.class_word for m in members))
+        if drawn_backgrounds:
+            from .composites import draw_backgrounds
 
-    # 3. Concept tokens and LoRA adapters, all randomness from the seed
+            for model in (base.text_encoder, base.unet):
+                set_active_adapters(model, [])
+            background_pictures = draw_backgrounds(base, background_prompt, BACKGROUND_IMAGES, resolution, config.seed)
+    background_is_picture = bool(background_pictures)
+
+    # 3. Concept tokens and the trained weights, all randomness from the seed
     torch.manual_seed(config.seed)  # peft's Kaiming init of lora_A draws from the global RNG
     rng = random.Random(config.seed)
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    v_rand = torch.randn(base.text_encoder.get_input_embeddings().weight.shape[1], generator=generator) * config.rand_init_std
-    init = torch.stack([v_rand.expand(NUM_LAYERS, -1), v_class.expand(NUM_LAYERS, -1)])  # [2, 16, d]
-    vectors = add_concept_tokens(base.tokenizer, base.text_encoder, config.name, init)
+    dim = base.text_encoder.get_input_embeddings().weight.shape[1]
+    inits, vectors = [], []
+    for member, v_class in zip(members, class_embeddings):
+        v_rand = torch.randn(dim, generator=generator) * config.rand_init_std  # ED-LoRA's V_rand; Custom Diffusion's V*
+        inits.append(torch.stack([v_rand.expand(NUM_LAYERS, -1), v_class.expand(NUM_LAYERS, -1)]))  # [2, 16, d]
+        vectors.append(add_concept_tokens(base.tokenizer, base.text_encoder, member.name, inits[-1]))
     install_layerwise_attention(base.unet)
     adapter = config.name
-    base.loaded_concepts.pop(adapter, None)  # the adapter below is new, not what apply_concept loaded
-    for model, targets in ((base.text_encoder, TEXT_ENCODER_TARGETS), (base.unet, UNET_TARGETS)):
-        add_lora(model, adapter, targets, config.rank)
-        set_active_adapters(model, [adapter])
-    text_params = lora_parameters(base.text_encoder, adapter)
-    unet_params = lora_parameters(base.unet, adapter)
+    for name in [adapter] + [m.name for m in members]:
+        base.loaded_concepts.pop(name, None)  # the adapters below are new, not what apply_concept loaded
+    custom = config.kind == "custom-diffusion"
+    if custom:
+        unet_params, text_params = _add_kv_updates(base, adapter), []
+        set_active_adapters(base.unet, [adapter])
+        set_active_adapters(base.text_encoder, [])  # Custom Diffusion leaves the text encoder as it is
+    else:
+        for model, targets in ((base.text_encoder, TEXT_ENCODER_TARGETS), (base.unet, UNET_TARGETS)):
+            add_lora(model, adapter, targets, config.rank)
+            set_active_adapters(model, [adapter])
+        text_params = lora_parameters(base.text_encoder, adapter)
+        unet_params = lora_parameters(base.unet, adapter)
     for param in text_params + unet_params:
         param.data = param.data.float()  # fp32 master copies of what trains; frozen weights stay half
         param.requires_grad_(True)
-    vectors.requires_grad_(True)
+    for v in vectors:
+        v.requires_grad_(True)
     if here.rank > 0:  # same initial weights everywhere (drawn above), then other batches and noise
         rng = random.Random(config.seed + 1_000_003 * here.rank)
         generator.manual_seed(config.seed + 1_000_003 * here.rank)
 
     plan = memory_plan(base, "train")
-    optimizer = make_adamw(
-        [
-            {"params": [vectors], "lr": config.lr_embedding},
-            {"params": text_params, "lr": config.lr_text_lora},
-            {"params": unet_params, "lr": config.lr_unet_lora},
-        ],
-        base.device,
-        eight_bit=plan.adam_8bit,
-        betas=(0.9, 0.999),
-        weight_decay=config.weight_decay,
-    )
+    if custom:  # diffusers' train_custom_diffusion.py: one learning rate, constant
+        groups = [{"params": vectors + unet_params, "lr": config.lr_kv}]
+    else:
+        groups = [{"params": vectors, "lr": config.lr_embedding}, {"params": text_params, "lr": config.lr_text_lora},
+                  {"params": unet_params, "lr": config.lr_unet_lora}]
+    optimizer = make_adamw(groups, base.device, eight_bit=plan.adam_8bit, betas=(0.9, 0.999), weight_decay=config.weight_decay)
     total = config.steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
+    decay = (lambda step: 1.0) if custom else (lambda step: max(0.0, (total - step) / total))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
@@ -796,7 +1024,8 @@ def train_concept(
     # 4. Resume
     if payload is not None:
         with torch.no_grad():
-            vectors.copy_(payload["trainable"]["embeddings"])
+            for i, v in enumerate(vectors):
+                v.copy_(payload["trainable"]["embeddings" if i == 0 else f"embeddings.{i}"])
             for i, p in enumerate(text_params):
                 p.copy_(payload["trainable"][f"text.{i}"])
             for i, p in enumerate(unet_params):
@@ -812,7 +1041,8 @@ def train_concept(
             generator.manual_seed(config.seed + 1_000_003 * here.rank + payload["step"])
         step, losses, frozen_at = payload["step"], payload["losses"], payload["frozen_at"]
         if frozen_at is not None:
-            vectors.requires_grad_(False)
+            for v in vectors:
+                v.requires_grad_(False)
         logger.info("resumed %s at step %d of %d", config.name, step, total)
 
     def checkpoint() -> None:
@@ -825,20 +1055,29 @@ def train_concept(
             # the Python RNG as it was before the next batch was drawn ahead (see 5d)
             "python_rng": rng_at_step, "torch_rng": generator.get_state(),
             "companions": _images_to_state(companions), "prior_scenes": _images_to_state(prior_scenes),
+            "class_priors": _images_to_state(class_priors),
+            "backgrounds": _images_to_state([("", b) for b in background_pictures]) if drawn_backgrounds else [],
         })
 
     # 5. The loop
     base.unet.train()  # no dropout in SD; train() only matters for modules that check it
     unet = unet_forward(base)
-    trainable = [vectors] + text_params + unet_params
+    trainable = vectors + text_params + unet_params
     started, start_step = time.perf_counter(), step
     preview_seconds: list[float] = []  # each preview's time, kept out of the step time and added per preview to come
-    # Mix-of-Show's regulariser needs to know where the subject is: only with subject masks
-    attention_maps = ConceptAttentionMaps() if masks is not None and config.attn_reg_weight > 0 else None
+    # Mix-of-Show's regulariser needs to know where the subject is: subject masks, or a group's composites
+    has_masks = any(m.masks is not None for m in members)
+    attention_maps = ConceptAttentionMaps() if (has_masks or group) and config.attn_reg_weight > 0 else None
     recording = recording_cross_attention(base.unet, attention_maps) if attention_maps is not None else nullcontext()
 
     def make_batch():
-        return _make_batch(photos, masks, config, resolution, latent_size, rng, companions, prior_scenes)
+        if not group:
+            member = members[0]
+            pixels, loss_mask, subject_mask, prompts = _make_batch(member.photos, member.masks, config, resolution, latent_size,
+                                                                   rng, companions, prior_scenes, class_priors)
+            return pixels, loss_mask, subject_mask, prompts
+        return _make_group_batch(members, config, resolution, latent_size, rng, background_pictures, background_is_picture,
+                                 background_prompt, class_priors)
 
     rng_at_step = rng.getstate()
     batch = make_batch() if step < total else None
@@ -848,9 +1087,9 @@ def train_concept(
                 checkpoint()
                 raise Cancelled(f"training of {config.name} cancelled at step {step} of {total}")
             # 5a. The batch made ahead on the CPU
-            pixels, loss_mask, subject_mask, prompts = batch
+            pixels, loss_regions, subject_masks, prompts = batch
             pixels = pixels.to(base.device, base.dtype)
-            loss_mask = loss_mask.to(base.device)
+            loss_regions = loss_regions.to(base.device)
 
             # 5b. Diffusion loss
             with torch.no_grad():
@@ -867,21 +1106,31 @@ def train_concept(
                 target = noise
             context = encode_layerwise(base.tokenizer, base.text_encoder, prompts)
             if attention_maps is not None:
-                positions = concept_token_positions(base.tokenizer, prompts, config.name)
-                subject_mask[(positions < 0).any(dim=1)] = 1.0  # no concept tokens (a prior scene): nothing to keep in place
+                known = {m.name for m in members}
+                positions = torch.cat([concept_token_positions(base.tokenizer, prompts, m.name, known) for m in members], dim=1)  # [B, 2n]
+                for i in range(len(members)):  # a pet the prompt does not name: nothing to keep in place
+                    subject_masks[:, i][(positions[:, 2 * i: 2 * i + 2] < 0).any(dim=1)] = 1.0
                 attention_maps.start(positions.clamp(min=0).to(base.device))
             prediction = unet(noisy.to(base.dtype), timesteps, encoder_hidden_states=context.to(base.dtype)).sample
-            loss = masked_mse(prediction, target, loss_mask)
+            loss = region_masked_mse(prediction, target, loss_regions)
             if attention_maps is not None:
-                loss = loss + attention_regulariser(attention_maps.by_resolution(), subject_mask.to(base.device), config.attn_reg_weight)
+                per_pet = {tokens: maps.unflatten(1, (len(members), 2)).flatten(0, 1)  # [B * n, 2, N]
+                           for tokens, maps in attention_maps.by_resolution().items()}
+                loss = loss + attention_regulariser(per_pet, subject_masks.flatten(0, 1)[:, None].to(base.device), config.attn_reg_weight)
 
             # 5c. Update (queued on the device; nothing here waits for it)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # with an fp16 UNet: scaled, so small gradients do not flush to zero
+            if custom:
+                _tie_modifier_gradients(vectors)
             average_gradients(trainable, here.size)  # scaled sums: an overflow on one process reaches all
             scaler.step(optimizer)  # unscales; skips the step (and lowers the scale) on inf/NaN gradients
             scaler.update()
             lr_schedule.step()
+            if custom:
+                with torch.no_grad():  # weight decay must not move the frozen class word either
+                    for v, init in zip(vectors, inits):
+                        v[1].copy_(init[1])
             step += 1
 
             # 5d. While the device works, augment the next batch; then read loss and norm in one sync
@@ -889,14 +1138,16 @@ def train_concept(
                 attention_maps.clear()  # this step's maps, and what gradient checkpointing recorded again in backward
             rng_at_step = rng.getstate()
             batch = make_batch() if step < total else None
-            loss_value, norm = torch.stack([loss.detach(), mean_norm(vectors)]).tolist()
+            norm_now = torch.stack([mean_norm(v) for v in vectors]).mean()
+            loss_value, norm = torch.stack([loss.detach(), norm_now]).tolist()
             if not math.isfinite(loss_value):
                 raise UserError(f"training diverged at step {step - 1} (loss {loss_value}); lower the learning rates")
             losses.append(loss_value)
-            if frozen_at is None and norm >= config.emb_norm_stop:
+            if not custom and frozen_at is None and norm >= config.emb_norm_stop:
                 frozen_at = step  # Mix-of-Show: stop the embeddings, keep training the LoRA
-                vectors.requires_grad_(False)
-                vectors.grad = None
+                for v in vectors:
+                    v.requires_grad_(False)
+                    v.grad = None
 
             # 5e. Report, preview, checkpoint
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
@@ -904,38 +1155,53 @@ def train_concept(
             preview = None
             if config.preview_every and step % config.preview_every == 0:
                 preview_started = time.perf_counter()
-                preview = _preview(base, config)
+                preview = _preview(base, config, members)
                 preview_seconds.append(time.perf_counter() - preview_started)
             if callback is not None and here.rank == 0:
                 eta = training_eta(time.perf_counter() - started - sum(preview_seconds), step - start_step, step, total,
                                    preview_seconds, config)
                 callback(TrainProgress(step, total, losses[-1], eta, norm, frozen_at is not None, preview))
 
-    # 6. Wrap up: the concept's tensors and a preview sample
+    # 6. Wrap up: each member's tensors and a preview sample
     base.unet.eval()
-    vectors.requires_grad_(False)
-    for param in text_params + unet_params:
+    for param in vectors + text_params + unet_params:
         param.requires_grad_(False)
-    preview = _preview(base, config)
-    concept = Concept(
-        name=config.name,
-        class_word=config.class_word,
-        base_model=base.name,
-        fingerprint=base.fingerprint,
-        photo_count=len(photos),
-        settings={**asdict(config), "resolution": resolution, "embeddings_frozen_at": frozen_at, "final_loss": losses[-1] if losses else None},
-        is_test_model=base.is_test_model,
-    )
+    preview = _preview(base, config, members)
+    results = []
+    for member, v in zip(members, vectors):
+        concept = Concept(
+            name=member.name,
+            class_word=member.class_word,
+            base_model=base.name,
+            fingerprint=base.fingerprint,
+            photo_count=len(member.photos),
+            settings={**asdict(config), "resolution": resolution, "embeddings_frozen_at": frozen_at,
+                      "final_loss": losses[-1] if losses else None},
+            is_test_model=base.is_test_model,
+            kind=config.kind,
+            group=config.name if group else "",
+            members=[m.name for m in members] if group else [],
+        )
+        results.append(TrainResult(
+            concept=concept,
+            tensors=_member_tensors(base, config, adapter, v),
+            preview=preview,
+            losses=losses,
+            embeddings_frozen_at=frozen_at,
+            seconds=time.perf_counter() - started,
+        ))
     if checkpoint_path is not None and checkpoint_path.exists() and here.rank == 0:
         checkpoint_path.unlink()
-    return TrainResult(
-        concept=concept,
-        tensors=concept_state_dict(base, adapter, vectors),
-        preview=preview,
-        losses=losses,
-        embeddings_frozen_at=frozen_at,
-        seconds=time.perf_counter() - started,
-    )
+    return results
+
+
+def _tie_modifier_gradients(vectors: list[torch.Tensor]) -> None:
+    """Custom Diffusion trains one input embedding per modifier token: its 16 layer copies get the
+    sum of their gradients (so they stay one vector), and the class word gets none."""
+    for v in vectors:
+        if v.grad is not None:
+            v.grad[0] = v.grad[0].sum(dim=0, keepdim=True).expand_as(v.grad[0])
+            v.grad[1] = 0.0
 
 
 def training_eta(step_seconds: float, steps_timed: int, step: int, total: int, preview_seconds: list[float],
@@ -950,12 +1216,14 @@ def training_eta(step_seconds: float, steps_timed: int, step: int, total: int, p
     return per_step * (total - step) + per_preview * (previews_left + 1)
 
 
-def _preview(base: BaseModel, config: TrainConfig) -> Image.Image:
-    """One sample of "a photo of <name>" with the concept as it is now."""
+def _preview(base: BaseModel, config: TrainConfig, members: list | None = None) -> Image.Image:
+    """One sample of "a photo of <name>" (a group: of every member) with the concept as it is now."""
     was_training = base.unet.training
     processors = base.unet.attn_processors  # sampling installs its own; training's recorders come back
     base.unet.eval()
-    image = sample_loaded(base, SampleConfig(prompt=f"a photo of <{config.name}>", steps=config.preview_steps, seed=config.seed))[0]
+    names = [m.name for m in members] if members and len(members) > 1 else [config.name]
+    prompt = "a photo of " + " and ".join(f"<{n}>" for n in names)
+    image = sample_loaded(base, SampleConfig(prompt=prompt, steps=config.preview_steps, seed=config.seed))[0]
     base.unet.set_attn_processor(processors)
     base.unet.train(was_training)
     return image

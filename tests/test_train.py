@@ -478,7 +478,7 @@ def test_companions_and_prior_scenes_come_from_the_base_model_once(fresh_base, p
         (dict(attn_reg_weight=-0.01), "attn_reg_weight must be 0 or more"),
         (dict(multi_subject_probability=1.5), r"multi_subject_probability must be between 0 and 1 .*, got 1.5"),
         (dict(prior_probability=-0.1), r"prior_probability must be between 0 and 1 .*, got -0.1"),
-        (dict(multi_subject_probability=0.6, prior_probability=0.6), r"multi_subject_probability \+ prior_probability must be at most 1"),
+        (dict(multi_subject_probability=0.6, prior_probability=0.6), r"multi_subject_probability \+ prior_probability \+ class_prior_probability must be at most 1"),
         (dict(prior_probability=0.5, companions=()), "companions is empty; name at least one other animal"),
         (dict(multi_subject_probability=0.5, companions=("cat", "hot dog")), "companion 'hot dog' is not valid: use one plain word"),
         (dict(multi_subject_probability=0.5, companions=("xylophonists",)), r"companion 'xylophonists' is 4 tokens for CLIP; choose a common"),
@@ -602,13 +602,13 @@ def test_result_record_and_progress_reports(base, photo):
 def test_loss_mask_is_the_subject_mask(base, photo, monkeypatch):
     """With a subject mask, the loss weights exactly the subject's latent pixels."""
     seen = []
-    real = train_module.masked_mse
+    real = train_module.region_masked_mse
 
     def spy(prediction, target, mask):
         seen.append(mask.clone())
         return real(prediction, target, mask)
 
-    monkeypatch.setattr(train_module, "masked_mse", spy)
+    monkeypatch.setattr(train_module, "region_masked_mse", spy)
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # the subject is the left half
     train_concept(base, [photo], quick_config(steps=1), masks=[mask])
