@@ -18,3 +18,7 @@ DEFAULT_SEGMENTER = "facebook/sam-vit-base"  # pipelines.detect: SAM
 # Speed and memory settings (pipelines.performance), here for the same reason
 MEMORY_MODES = ("auto", "high", "low", "lowest")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+# Concept kinds (pipelines.edlora.KINDS) as people call them; here so `--help` and listings need no torch
+KIND_NAMES = {"edlora": "ED-LoRA", "lora": "imported LoRA", "custom-diffusion": "Custom Diffusion", "cones": "Cones",
+              "joint": "joint group (Gen4Gen)"}

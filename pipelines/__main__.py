@@ -29,6 +29,8 @@ import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import KIND_NAMES
+
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "concepts"
 
 
@@ -117,7 +119,8 @@ def cmd_train(args) -> None:
         lr_text_lora=args.lr_text_lora, lr_unet_lora=args.lr_unet_lora, seed=args.seed,
         checkpoint_every=args.checkpoint_every, attn_reg_weight=args.attn_reg_weight,
         multi_subject_probability=args.multi_subject_probability, prior_probability=args.prior_probability,
-        companions=parse_companions(args.companions),
+        companions=parse_companions(args.companions), kind=args.kind, lr_kv=args.lr_kv,
+        class_prior_probability=args.class_prior_probability, cones_max_neurons=args.cones_max_neurons,
     )
 
     check_train_config(config, len(photos))  # bad settings fail before the model loads
@@ -146,10 +149,96 @@ def cmd_train(args) -> None:
     if world().rank > 0:  # under a multi-process launch, only the first process saves and prints
         return
     library.save(result.concept, result.tensors, result.preview, overwrite=True)
-    print(f"saved concept <{args.name}> ({args.class_word}, {len(photos)} photos, {len(result.losses)} steps,"
-          f" final loss {result.losses[-1]:.4f}) to {library.root / args.name}")
+    loss = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"saved {KIND_NAMES[config.kind]} concept <{args.name}> ({args.class_word}, {len(photos)} photos,"
+          f" {config.steps or len(result.losses)} steps{loss}, {human_size(library.size(args.name))}) to {library.root / args.name}")
     if base.is_test_model:
         print("note: trained on the tiny random test model; its previews are noise")
+
+
+def parse_pet(text: str) -> tuple[str, str, str]:
+    """`--pet NAME=CLASS:DIR` -> (name, class word, photo folder)."""
+    from .errors import UserError
+
+    name, _, rest = text.partition("=")
+    class_word, _, folder = rest.partition(":")
+    if not name or not class_word or not folder:
+        raise UserError(f"--pet {text!r} is not NAME=CLASS:DIR, e.g. --pet mochi=dog:photos/mochi")
+    return name.strip(), class_word.strip(), folder.strip()
+
+
+def cmd_train_group(args) -> None:
+    from tqdm import tqdm
+
+    from .composites import composite_grid, preview_composites
+    from .concept import ConceptLibrary, check_name
+    from .errors import UserError
+    from .train import GroupMember, TrainConfig, check_train_config, find_masks, find_photos, load_photo, load_training_set, train_group
+
+    # 1. Check everything that needs no model
+    library = ConceptLibrary(args.library)
+    check_name(args.name, "group name")
+    pets = [parse_pet(text) for text in args.pet]
+    if len(pets) < 2:
+        raise UserError("a group needs two or more --pet NAME=CLASS:DIR")
+    members = []
+    for name, class_word, folder in pets:
+        check_name(name, "pet name")
+        if name in library.names() and not args.overwrite:
+            raise UserError(f"concept {name!r} already exists in {library.root}; pass --overwrite or choose another name")
+        photo_paths = find_photos([folder], flag="--pet")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            photos, masks = load_training_set(photo_paths, find_masks(Path(args.masks) / name, photo_paths) if args.masks else None)
+        for warning in caught:
+            print(f"warning: <{name}>: {warning.message}", file=sys.stderr)
+        members.append(GroupMember(name, class_word, photos, masks))
+    backgrounds = [load_photo(p) for p in find_photos([args.backgrounds], flag="--backgrounds")] if args.backgrounds else None
+    config = TrainConfig(name=args.name, class_word=members[0].class_word, steps=args.steps, batch_size=args.batch_size,
+                         resolution=args.resolution, seed=args.seed, checkpoint_every=args.checkpoint_every, kind=args.kind,
+                         multi_subject_probability=args.composite_probability, lr_kv=args.lr_kv)
+    check_train_config(config, sum(len(m.photos) for m in members))
+    if args.preview:  # composites only, no model: what training will see
+        size = args.resolution or 512
+        images = preview_composites([(m.photos, m.masks) for m in members], backgrounds, size, 8, args.seed)
+        composite_grid(images, 4).save(args.preview)
+        print(f"wrote a preview of 8 composites to {args.preview}")
+        return
+
+    # 2. Train, with a progress bar; Ctrl-C sets the cancel event so a checkpoint is written
+    base = load_configured_base(args)
+    cancel = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    bar = None
+
+    def report(progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total, desc=f"training group {args.name}", unit="step", dynamic_ncols=True)
+        bar.n = progress.step
+        bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        results = train_group(base, members, config, backgrounds=backgrounds, background_prompt=args.background_prompt,
+                              callback=report, cancel=cancel, checkpoint_dir=library.root / ".checkpoints" / args.name,
+                              resume=args.resume)
+    finally:
+        if bar is not None:
+            bar.close()
+    for result in results:
+        library.save(result.concept, result.tensors, result.preview, overwrite=True)
+    print(f"saved group {args.name} ({KIND_NAMES[config.kind]}): {', '.join('<' + r.concept.name + '>' for r in results)} to {library.root}")
+    if base.is_test_model:
+        print("note: trained on the tiny random test model; its previews are noise")
+
+
+def human_size(size: int) -> str:
+    """Bytes as people read them: 812 B, 98.3 KB, 76.8 MB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def cmd_detect(args) -> None:
@@ -224,7 +313,9 @@ def cmd_concepts(args) -> None:
             print(f"no concepts in {library.root}")
         else:
             for c in concepts:
-                print(f"{c.token:<24} {c.class_word:<10} {c.photo_count:>3} photos  {c.base_model}  {c.created}")
+                group = f"  group {c.group}" if c.group else ""
+                print(f"{c.token:<24} {c.class_word:<10} {KIND_NAMES.get(c.kind, c.kind):<22} {human_size(library.size(c.name)):>9}"
+                      f" {c.photo_count:>3} photos  {c.base_model}  {c.created}{group}")
             for name, problem in damaged.items():
                 print(f"{'<' + name + '>':<24} damaged: {problem} (`concepts delete {name}` removes it)")
     elif args.action == "show":
@@ -457,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("train", help="train an ED-LoRA concept from photos of one subject")
+    p = sub.add_parser("train", help="train a concept (ED-LoRA, Custom Diffusion or Cones) from photos of one subject")
     model_flags(p)
     performance_flags(p)
     library_flag(p)
@@ -486,8 +577,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chance a training example is a two-animal scene drawn by the base model, with no concept (default 0)")
     p.add_argument("--companions", default="dog,cat",
                    help="comma-separated animals for those examples; the class word is always added (default dog,cat)")
+    p.add_argument("--kind", default="edlora", choices=["edlora", "custom-diffusion", "cones"],
+                   help="edlora (default: Mix-of-Show's ED-LoRA), custom-diffusion (Custom Diffusion: a modifier token and"
+                        " the cross-attention K/V, about 77 MB at SD1.5 size), or cones (Cones: concept neurons shut, under 100 KB)")
+    p.add_argument("--lr-kv", type=float, default=8e-5, help="Custom Diffusion's learning rate (token and K/V; default 8e-5)")
+    p.add_argument("--class-prior-probability", type=float, default=0.0,
+                   help="chance a training example is a base-model picture of the class word (prior preservation; default 0)")
+    p.add_argument("--cones-max-neurons", type=int, default=20000, help="Cones: most neurons a concept shuts (default 20000)")
     detector_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-group", help="train two or more pets together on composites of them all (Gen4Gen / MuDI joint concept)")
+    model_flags(p)
+    performance_flags(p)
+    library_flag(p)
+    p.add_argument("--name", required=True, help="the group's name (each pet is its own concept, <pet>)")
+    p.add_argument("--pet", action="append", default=[], required=True, help="NAME=CLASS:DIR, once per pet, e.g. mochi=dog:photos/mochi")
+    p.add_argument("--masks", default=None, help="folder with one subfolder of subject masks per pet name (white = subject)")
+    p.add_argument("--kind", default="joint", choices=["joint", "custom-diffusion"],
+                   help="joint (default: ED-LoRA words per pet, one shared LoRA) or custom-diffusion (its joint training)")
+    p.add_argument("--backgrounds", default=None, help="folder of background photos for the composites")
+    p.add_argument("--background-prompt", default="",
+                   help="what the backgrounds show, e.g. 'on the grass'; without --backgrounds the base model draws them from it"
+                        " (neither: black backgrounds, as MuDI's Seg-Mix)")
+    p.add_argument("--composite-probability", type=float, default=0.5, help="chance a training example is a composite of all pets (default 0.5)")
+    p.add_argument("--preview", default=None, help="only write a grid of 8 composites to this PNG, and train nothing")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 500 x photos / batch size)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--lr-kv", type=float, default=8e-5, help="Custom Diffusion's learning rate (default 8e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this group")
+    p.add_argument("--overwrite", action="store_true", help="replace concepts of the same names")
+    p.set_defaults(func=cmd_train_group)
 
     p = sub.add_parser("concepts", help="list, show, rename, delete, export or import concepts")
     actions = p.add_subparsers(dest="action", required=True)

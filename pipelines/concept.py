@@ -303,6 +303,11 @@ class ConceptLibrary:
         kind = record.get("kind", "edlora") if isinstance(record, dict) else "edlora"
         return kind if kind in KINDS else "edlora"
 
+    def size(self, name: str) -> int:
+        """Bytes of a concept's weights file (what a concept costs to store; 0 when it has none)."""
+        path = self.path(name) / WEIGHTS_FILE
+        return path.stat().st_size if path.is_file() else 0
+
     def preview_path(self, name: str) -> Path | None:
         path = self.path(name) / PREVIEW_FILE
         return path if path.exists() else None

@@ -36,6 +36,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from . import KIND_NAMES  # noqa: F401  (re-exported: each kind's name for people)
 from .errors import UserError
 from .layerwise import NUM_LAYERS, WORD_LABELS, WORDS, add_concept_tokens, install_layerwise_attention
 
@@ -45,8 +46,6 @@ UNET_TARGETS = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 # a trained ED-LoRA concept; an imported LoRA (pipelines.lora_import); Custom Diffusion; Cones; a joint group's member
 KINDS = ("edlora", "lora", "custom-diffusion", "cones", "joint")
-KIND_NAMES = {"edlora": "ED-LoRA", "lora": "imported LoRA", "custom-diffusion": "Custom Diffusion", "cones": "Cones",
-              "joint": "joint group (Gen4Gen)"}
 LORA_SHAPED = ("edlora", "lora", "joint")  # files of LoRA factors as they are
 
 
