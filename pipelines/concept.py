@@ -375,6 +375,9 @@ class ConceptLibrary:
     def rename(self, old: str, new: str) -> Concept:
         concept = self.get(old)
         check_name(new, "new name")
+        if concept.group:  # its siblings' records name it; a half-renamed group would not merge as one
+            raise UserError(f"<{old}> is a member of the group {concept.group!r} ({', '.join(concept.members)}), which knows its"
+                            f" members by name; train the group again with the new name")
         if (self.root / new).exists():
             raise UserError(f"cannot rename {old!r} to {new!r}: a concept named {new!r} already exists")
         staging = self.root / f".staging-{new}-{uuid.uuid4().hex[:8]}"

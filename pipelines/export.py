@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .edlora import TEXT_MODEL_LEVEL, apply_concept, canonical_keys, lora_rank_of, set_active_adapters, split_state_dict
+from . import KIND_NAMES
 from .errors import UserError
 from .files import write_atomic
 from .layerwise import NUM_LAYERS, WORDS, concept_tokens, concept_words, cross_attention_layers, expand_prompt
@@ -311,9 +312,13 @@ def export_for_webui(library, name: str, out_dir: str | os.PathLike, how: str = 
     """
     # 1. Check inputs: the record, the tensors, the collapse, the folder
     concept = library.get(name)
-    if getattr(concept, "kind", "edlora") != "edlora":
+    kind = getattr(concept, "kind", "edlora")
+    if kind == "lora":
         raise UserError(f"concept {name!r} is an imported LoRA, not an ED-LoRA concept; its original file already loads"
                         f" in A1111/ComfyUI (use --format menagerie to export it for another Menagerie library)")
+    if kind not in ("edlora", "joint"):  # a joint group's member is ED-LoRA-shaped: its words and the shared LoRA
+        raise UserError(f"concept {name!r} is a {KIND_NAMES.get(kind, kind)} concept; A1111 and ComfyUI load LoRAs and"
+                        f" embeddings, not its weights (use --format menagerie to export it for another Menagerie library)")
     check_collapse(how)
     if how == "distil" and base is None:
         raise UserError(f"embedding collapse 'distil' needs the base model <{name}> was trained on ({concept.base_model});"

@@ -376,3 +376,15 @@ def test_cli_trains_each_kind_and_lists_kind_and_size(tmp_path, capsys, restore_
     assert code == 0 and Image.open(preview).size[0] > 64  # a grid of composites, no model loaded
     code = main(["train-group", "--base", "tiny", "--library", str(library), "--name", "g", "--pet", f"aa=dog:{pets_dir['aa']}"])
     assert code == 2 and "two or more --pet" in capsys.readouterr().err
+
+
+def test_export_and_rename_know_the_kinds(kinds_library, tmp_path):
+    from pipelines.export import export_for_webui
+
+    with pytest.raises(UserError, match="Custom Diffusion concept; A1111"):
+        export_for_webui(kinds_library, "cd1", tmp_path / "cd1", how="mean")
+    files = export_for_webui(kinds_library, "aa", tmp_path / "aa", how="mean")  # a joint member: its words and the shared LoRA
+    assert (tmp_path / "aa" / "aa_lora.safetensors").exists() and files
+    with pytest.raises(UserError, match="member of the group 'duo'"):
+        kinds_library.rename("aa", "cc")
+    assert "aa" in kinds_library.names() and "cc" not in kinds_library.names()
