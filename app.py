@@ -95,12 +95,16 @@ from PIL import Image, ImageDraw
 
 from pipelines.base import (DEFAULT_BASE, TEST_MODEL_NOTE, TINY, _is_hub_id, _offline_help, architecture_of, default_dtype,
                             load_base, native_resolution_of, resolve_device)
-from pipelines.concept import ConceptLibrary, check_class_word, check_name, normalise_name
+from pipelines.concept import WEIGHTS_FILE, ConceptLibrary, check_class_word, check_name, normalise_name
 from pipelines.detect import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, model_problem, subject_mask
 from pipelines.errors import UserError
 from pipelines.export import COLLAPSE_LOSS_NOTE, export_for_webui
 from pipelines.files import write_atomic
-from pipelines.fusion import FUSED_FORMAT, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused
+from pipelines.composites import load_backgrounds, preview_composites
+from pipelines.cones import check_cones_config
+from pipelines.edlora import KIND_NAMES
+from pipelines.fusion import (FUSED_FORMAT, METHODS, REPORT_FILE, FusionConfig, cache_key, fuse_concepts, list_fused, merge_methods,
+                              resolve_method)
 from pipelines.isolated import BOX_T_LAY, LAYOUT_CROSS_ATTENTION, IsolateConfig, Subject, describe_boxes, isolate, save_stages
 from pipelines.jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobQueue, JobState
 from pipelines.layerwise import concepts_in
@@ -113,7 +117,8 @@ from pipelines.sample import DEFAULT_NEGATIVE_PROMPT, SampleConfig, generate, re
 from pipelines.scores import DEFAULT_CLIP, DEFAULT_DINO, load_score_models, score_images
 from pipelines.scores import model_problem as score_model_problem
 from pipelines.single_file import check_out_path, export_paths, export_fused_checkpoint
-from pipelines.train import TrainConfig, check_train_config, load_photo, load_training_set, parse_companions, train_concept
+from pipelines.train import (GroupMember, TrainConfig, check_train_config, load_photo, load_training_set, parse_companions,
+                             train_concept, train_group)
 
 REGIONAL = "Regional (Mix-of-Show)"
 ISOLATED = "Isolated (detector-guided)"
@@ -127,6 +132,24 @@ WEBUI_FORMAT = "A1111, ComfyUI, Forge (LoRA + embedding, .zip)"
 LORA_FILE = "LoRA file (kohya, A1111, diffusers, peft)"
 MIX_OF_SHOW_FILE = "Mix-of-Show checkpoint (.pth)"
 IMPORT_KINDS = {LORA_FILE: "lora", MIX_OF_SHOW_FILE: "mix-of-show"}
+# Concept kinds (issue 16): the training form's choices, one line on what each is and stores, and each merge's name
+TRAIN_KINDS = {"ED-LoRA": "edlora", "Custom Diffusion": "custom-diffusion", "Cones": "cones"}
+KIND_NOTES = {
+    "edlora": "ED-LoRA (Mix-of-Show): two layer-wise words and a rank-4 LoRA on the text encoder's and UNet's attention."
+              " About 4 MB at SD1.5 size; fuses with other ED-LoRA concepts and imported LoRAs.",
+    "custom-diffusion": "Custom Diffusion (Kumari et al. 2023): one trained modifier word and the UNet's cross-attention K/V"
+                        " weights, stored dense. About 75 MB at SD1.5 size; merges only with other Custom Diffusion concepts.",
+    "cones": "Cones (Liu et al. 2023): trains no weights; finds the base model's concept neurons for the pet and shuts them."
+             " About 0.1 MB (at most 20,000 indices); merges only with other Cones concepts.",
+}
+GROUP_KINDS = {"Joint (Gen4Gen)": "joint", "Custom Diffusion, joint": "custom-diffusion"}
+MAX_GROUP_PETS = 3  # the group form's pet slots
+GROUP_COMPOSITE_CHANCE = 0.5  # chance a group's training example is a composite of all its pets (train-group's default)
+COMPOSITE_PREVIEWS = 8  # composites the group form's preview shows
+METHOD_LABELS = {"gradient": "gradient fusion (Mix-of-Show)", "weight": "weight averaging",
+                 "custom-diffusion": "Custom Diffusion's closed-form merge", "cones": "Cones: the union of the concept neurons",
+                 "group": "the group's shared weights, as trained together"}
+LIBRARY_COLUMNS = ["concept", "class", "photos", "base model", "kind", "group", "size", "created", "problem"]
 # Scores: the table's columns in pipelines.scores' keys, and the reference uploads the page has room for
 SCORE_COLUMNS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino_i": "DINO-I", "cp_clip": "CP-CLIP", "ti_clip": "TI-CLIP", "scr": "SCR"}
 SCORE_SLOTS = 6  # concepts per scored batch of images
@@ -212,13 +235,15 @@ class BaseModels:
             self.error, self.trained_in = None, False
         return self.model
 
-    def fused_folder(self, library: ConceptLibrary, names: list[str], method: str = "gradient") -> str | None:
-        """Where the fused model of `names` is cached, None for fewer than two concepts.
+    def fused_folder(self, library: ConceptLibrary, names: list[str], method: str = "auto") -> str | None:
+        """Where the fused model of `names` is cached, None for fewer than two concepts; `method`
+        "auto" is the merge the concepts' kinds allow first, as `fuse_concepts` resolves it.
 
         The folder name hashes the base's name and architecture, which any loaded state shares.
         """
         if len(names) < 2:
             return None
+        method = resolve_method([library.get(name) for name in names], method)  # kinds that cannot merge: said here
         model = self.model or self.get()
         return str(library.root / ".fused" / cache_key(model, library, names, FusionConfig(method=method)))
 
@@ -274,9 +299,11 @@ class GenerationOutput:
 
 
 def training_recipe(studio: "Studio") -> dict:
-    """The training form's defaults: Mix-of-Show's learning rates and 0 steps (500 per photo / batch
-    size); the demo's toy recipe in demo mode. The API's `train` uses the same."""
-    return {"steps": 0, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4,
+    """The training forms' defaults: Mix-of-Show's learning rates and 0 steps (500 per photo / batch
+    size), Custom Diffusion's learning rate and class-prior chance and Cones' neuron cap as
+    `TrainConfig` has them; the demo's toy recipe in demo mode. The API's `train` uses the same."""
+    return {"steps": 0, "lr_embedding": 1e-3, "lr_text_lora": 1e-5, "lr_unet_lora": 1e-4, "lr_kv": TrainConfig.lr_kv,
+            "class_prior_probability": TrainConfig.class_prior_probability, "cones_max_neurons": TrainConfig.cones_max_neurons,
             **(studio.demo.training if studio.demo else {})}
 
 
@@ -685,44 +712,141 @@ class Studio:
 
     # -- Concepts --------------------------------------------------------------------------------
 
-    def submit_training(self, photo_paths: list[str], config: TrainConfig, auto_mask: bool = False,
-                        overwrite: bool = False, resume: bool = False) -> JobState:
-        """Check the request now (photos readable, settings valid, name free), then queue the training."""
+    def _check_training_allowed(self, auto_mask: bool, untick: str) -> None:
         if on_zero_gpu():
             raise UserError("training is off on this shared ZeroGPU Space: a run takes minutes of a dedicated GPU."
                             " Duplicate the Space onto a GPU (⋮ menu → Duplicate this Space, e.g. an A10G) and train there")
+        if auto_mask and self.detector_problem:
+            raise UserError(f"automatic masks need the detector, which cannot be loaded: {self.detector_problem}; {untick}")
+
+    def submit_training(self, photo_paths: list[str], config: TrainConfig, auto_mask: bool = False,
+                        overwrite: bool = False, resume: bool = False) -> JobState:
+        """Check the request now (photos readable, settings valid, name free), then queue the training
+        of one pet as `config.kind`: "edlora", "custom-diffusion" or "cones" (TRAIN_KINDS)."""
+        self._check_training_allowed(auto_mask, "untick 'Find the pet in each photo automatically' to train without masks")
+        if config.kind not in TRAIN_KINDS.values():
+            raise UserError(f"kind {config.kind!r} is not one pet's; pick {', '.join(f'{k} ({v})' for k, v in TRAIN_KINDS.items())};"
+                            f" a group of pets trains in 'Train a group together (Gen4Gen)'")
         if not photo_paths:
             raise UserError("no photos given; drop 3 or more photos of one pet in the photo box")
-        if auto_mask and self.detector_problem:
-            raise UserError(f"automatic masks need the detector, which cannot be loaded: {self.detector_problem};"
-                            f" untick 'Find the pet in each photo automatically' to train without masks")
-        with warnings.catch_warnings(record=True) as caught:  # e.g. "only 2 photos": shown with the result
-            warnings.simplefilter("always")
-            photos, _ = load_training_set([Path(p) for p in photo_paths])  # loaded now: upload temp files may vanish
-        notes = [str(w.message) for w in caught]
+        photos, notes = load_photos(photo_paths)  # loaded now: upload temp files may vanish
         name, note = normalise_name(config.name)  # "Buddy" trains <buddy>; the note comes with the result
         notes += [note] if note else []
-        config = check_train_config(replace(config, name=name), len(photos))
+        config = replace(config, name=name)
+        config = check_cones_config(config, len(photos)) if config.kind == "cones" else check_train_config(config, len(photos))
         if config.name in self.library.names() and not overwrite:
             raise UserError(f"a concept named <{config.name}> already exists; choose another name or tick 'replace'")
         if not config.preview_every:
             config = replace(config, preview_every=max(1, config.steps // 5))  # about five previews per run
-        return self.jobs.submit("train", f"training <{config.name}>",
+        kind = "" if config.kind == "edlora" else f" ({KIND_NAMES[config.kind]})"
+        return self.jobs.submit("train", f"training <{config.name}>{kind}",
                                 lambda job: run_training(self, job, photos, config, auto_mask, resume, notes))
 
     def _train(self, job: Job, photos: list[Image.Image], config: TrainConfig, auto_mask: bool, resume: bool, notes: list[str]) -> str:
         job.update(stage="loading the base model")
         base = self.models.get(fresh=True)
-        self.models.trained_in = True  # from here on the base carries this run's adapters
-        masks = None
-        if auto_mask:
-            job.update(stage="finding the pet in each photo")
-            masks = [subject_mask(p, config.class_word, detector=self.detector, segmenter=self.segmenter, device=base.device) for p in photos]
-            missing = [str(i + 1) for i, m in enumerate(masks) if m is None]
-            if missing:
-                notes.append(f"no {config.class_word} found in photo(s) {', '.join(missing)}; their loss covers the whole photo")
-        preview_dir = self.outputs / ".training" / f"{job.id}-{config.name}"
+        self.models.trained_in = True  # from here on the base carries this run's adapters (Cones: its words)
+        masks = self._find_pets(job, base, photos, config.class_word, notes) if auto_mask else None
+        result = train_concept(base, photos, config, masks=masks, callback=self._reporter(job, base, config),
+                               cancel=job.cancel_event, checkpoint_dir=self.library.root / ".checkpoints" / config.name, resume=resume)
+        self.library.save(result.concept, result.tensors, result.preview, overwrite=True)
+        self.library_changed()
+        job.update(message="; ".join(notes))
+        return config.name
 
+    def submit_group_training(self, group: str, pets: list[tuple[str, str, list[str]]], config: TrainConfig,
+                              background_paths: list[str] | None = None, background_prompt: str = "", auto_mask: bool = False,
+                              overwrite: bool = False, resume: bool = False) -> JobState:
+        """Check a group's request now, then queue training its pets together (`train_group`).
+
+        pets: (name, class word, photo paths) per pet; a slot left wholly empty is skipped, 2 or 3 must remain.
+        config: kind "joint" or "custom-diffusion" and the run's settings; its name and class word are set here.
+        background_paths: photos of empty scenes (say what they show in `background_prompt`); none with a
+            prompt: the base model draws the scenes when training starts; neither: plain black (MuDI).
+        """
+        self._check_training_allowed(auto_mask, "untick 'Find each pet in its photos automatically' to train without masks")
+        background_prompt = (background_prompt or "").strip()
+        if not (group or "").strip():
+            raise UserError("no group name given; type one, e.g. pals (it names the group's shared weights, not a prompt word)")
+        group_name, note = normalise_name(group)
+        check_name(group_name, "group name")
+        members, notes = group_members(pets)
+        notes += [f"group name {group.strip()!r} is stored as {group_name!r}"] if note else []
+        names = [m.name for m in members]
+        if group_name in names:
+            raise UserError(f"the group's name {group_name!r} is also a pet's; give the group its own name, e.g. {'-'.join(names)}")
+        taken = [n for n in names if n in self.library.names()]
+        if taken and not overwrite:
+            raise UserError(f"the library already has {', '.join(f'<{n}>' for n in taken)}; rename the pet(s) or tick 'replace'")
+        backgrounds = [load_photo(p) for p in background_paths or []]  # train_group blurs them as Gen4Gen does
+        if backgrounds and not background_prompt:
+            raise UserError("background photos need a background prompt that says what they show, e.g. 'in a garden'")
+        if config.kind not in GROUP_KINDS.values():
+            raise UserError(f"a group trains as {' or '.join(f'{k} ({v})' for k, v in GROUP_KINDS.items())}, not {config.kind!r}")
+        if not config.multi_subject_probability > 0:
+            raise UserError(f"the chance of a composite is {config.multi_subject_probability}: a group learns from composites of"
+                            f" its pets; use {GROUP_COMPOSITE_CHANCE} (the default)")
+        config = replace(config, name=group_name, class_word=members[0].class_word)
+        config = check_train_config(config, sum(len(m.photos) for m in members))
+        if not config.preview_every:
+            config = replace(config, preview_every=max(1, config.steps // 5))
+        return self.jobs.submit("train", f"training the group {group_name} ({' + '.join(f'<{n}>' for n in names)})",
+                                lambda job: run_group_training(self, job, members, config, backgrounds, background_prompt,
+                                                               auto_mask, resume, notes))
+
+    def _train_group(self, job: Job, members: list[GroupMember], config: TrainConfig, backgrounds: list[Image.Image],
+                     background_prompt: str, auto_mask: bool, resume: bool, notes: list[str]) -> list[str]:
+        job.update(stage="loading the base model")
+        base = self.models.get(fresh=True)
+        self.models.trained_in = True
+        if auto_mask:
+            for i, member in enumerate(members):
+                found = self._find_pets(job, base, member.photos, member.class_word, notes, member.name)
+                # not found: the whole photo is the pet (as a photo without a mask is pasted whole)
+                members[i] = replace(member, masks=[mask or Image.new("L", photo.size, 255) for photo, mask in zip(member.photos, found)])
+        if background_prompt and not backgrounds:
+            job.update(stage=f"drawing backgrounds: {background_prompt}")
+        results = train_group(base, members, config, backgrounds=backgrounds or None, background_prompt=background_prompt,
+                              callback=self._reporter(job, base, config), cancel=job.cancel_event,
+                              checkpoint_dir=self.library.root / ".checkpoints" / config.name, resume=resume)
+        for result in results:
+            self.library.save(result.concept, result.tensors, result.preview, overwrite=True)
+        self.library_changed()
+        job.update(message="; ".join(notes))
+        return [result.concept.name for result in results]
+
+    def composite_preview(self, pets: list[tuple[str, str, list[str]]], background_paths: list[str] | None = None,
+                          background_prompt: str = "", auto_mask: bool = False, seed: int = 0) -> tuple[list[Image.Image], str]:
+        """Composites of the group's pets as training makes them (`preview_composites`), at the base's
+        native size, and a line saying what differs from training. Runs at once: no model is needed."""
+        background_prompt = (background_prompt or "").strip()
+        members, _ = group_members(pets, need_names=False)
+        backgrounds = load_backgrounds(background_paths) if background_paths else None  # blurred as training blurs them
+        images = preview_composites([(m.photos, None) for m in members], backgrounds, self.default_size, COMPOSITE_PREVIEWS, seed)
+        notes = []
+        if not backgrounds:
+            notes.append("plain black backgrounds (MuDI's Seg-Mix)" + (
+                f"; training draws scenes of '{background_prompt}' with the base model when it starts, which"
+                f" this preview leaves out" if background_prompt else ""))
+        if auto_mask:
+            notes.append("each pet is pasted as its whole photo here; training cuts it out with the detector's mask")
+        else:
+            notes.append("each pet is pasted as its whole photo (tick 'Find each pet in its photos automatically' to cut it out)")
+        return images, f"{len(images)} composites of {' + '.join(m.name for m in members)}: " + "; ".join(notes) + "."
+
+    def _find_pets(self, job: Job, base, photos: list[Image.Image], class_word: str, notes: list[str], name: str = "") -> list:
+        """The detector's mask of `class_word` in each photo (None where it finds none, with a note)."""
+        job.update(stage=f"finding the {class_word} in each photo" + (f" of <{name}>" if name else ""))
+        masks = [subject_mask(p, class_word, detector=self.detector, segmenter=self.segmenter, device=base.device) for p in photos]
+        missing = [str(i + 1) for i, m in enumerate(masks) if m is None]
+        if missing:
+            whose = f" of <{name}>" if name else ""
+            notes.append(f"no {class_word} found in photo(s) {', '.join(missing)}{whose}; their loss covers the whole photo")
+        return masks
+
+    def _reporter(self, job: Job, base, config: TrainConfig):
+        """The training callback: the job's step, loss, ETA and previews (saved under outputs/.training)."""
+        preview_dir = self.outputs / ".training" / f"{job.id}-{config.name}"
         started = time.perf_counter()
 
         def report(progress) -> None:
@@ -736,12 +860,7 @@ class Studio:
                 progress.preview.save(path)
                 job.add_preview(str(path))
 
-        result = train_concept(base, photos, config, masks=masks, callback=report, cancel=job.cancel_event,
-                               checkpoint_dir=self.library.root / ".checkpoints" / config.name, resume=resume)
-        self.library.save(result.concept, result.tensors, result.preview, overwrite=True)
-        self.library_changed()
-        job.update(message="; ".join(notes))
-        return config.name
+        return report
 
     def cancel_latest(self, kind: str) -> JobState | None:
         """Cancel the newest queued or running job of `kind` ("train", "fuse" or "generate"); None if there is none."""
@@ -855,12 +974,16 @@ class Studio:
 
     # -- Compose ---------------------------------------------------------------------------------
 
-    def submit_fusion(self, names: list[str], method: str) -> JobState:
+    def fusion_method(self, names: list[str], method: str = "auto") -> str:
+        """The merge `method` names for concepts `names` ("auto": the first their kinds allow), checked
+        now: unknown concepts, and kinds that cannot be merged, are refused before any job starts."""
         if len(names) < 2:
             raise UserError("no concepts selected; tick two or more concepts to fuse" if not names else
                             "fusing needs two or more concepts; one concept is used as it is")
-        for name in names:
-            self.library.get(name)  # unknown concepts fail now, not in the queue
+        return resolve_method([self.library.get(name) for name in names], method)
+
+    def submit_fusion(self, names: list[str], method: str = "auto") -> JobState:
+        method = self.fusion_method(names, method)
         return self.jobs.submit("fuse", f"fusing {' + '.join('<' + n + '>' for n in names)} ({method})",
                                 lambda job: run_fusion(self, job, names, method))
 
@@ -923,13 +1046,15 @@ class Studio:
             raise UserError(f"Isolated mode needs the detector, which cannot be loaded: {self.detector_problem}")
         if request.mode not in (REGIONAL, ISOLATED):
             raise UserError(f"unknown mode {request.mode!r}; pick {REGIONAL} or {ISOLATED}")
+        names = request_concepts(request)
+        if request.mode == REGIONAL and request.fused is None and len(names) > 1:  # fused on the fly: kinds that cannot merge, said now
+            resolve_method([self.library.get(name) for name in names], "auto")
         kind = "isolated" if request.mode == ISOLATED else "regional"
         return self.jobs.submit("generate", f"generating ({kind}, seed {request.seed})",
                                 lambda job: run_generation(self, job, request))
 
     def _generate(self, job: Job, request: GenerationRequest) -> GenerationOutput:
-        names = list(dict.fromkeys(concepts_in(request.prompt) + concepts_in(request.negative_prompt)
-                                   + [n for row in request.rows for n in concepts_in(row.prompt + " " + row.negative_prompt)]))
+        names = request_concepts(request)
         job.update(stage="loading the base model")
         fuses_on_the_fly = request.mode == REGIONAL and request.fused is None and len(names) > 1
         base = self.models.get(fused=request.fused or (self.models.fused_folder(self.library, names) if fuses_on_the_fly else None))
@@ -1067,6 +1192,12 @@ def run_training(studio: Studio, job: Job, photos, config: TrainConfig, auto_mas
 
 
 @gpu_task
+def run_group_training(studio: Studio, job: Job, members: list[GroupMember], config: TrainConfig, backgrounds: list,
+                       background_prompt: str, auto_mask: bool, resume: bool, notes: list[str]) -> list[str]:
+    return studio._train_group(job, members, config, backgrounds, background_prompt, auto_mask, resume, notes)
+
+
+@gpu_task
 def run_fusion(studio: Studio, job: Job, names: list[str], method: str) -> str:
     return studio._fuse(job, names, method)
 
@@ -1094,6 +1225,56 @@ def run_checkpoint_export(studio: Studio, job: Job, folder: str, out: Path, half
 @gpu_task
 def run_scoring(studio: Studio, job: Job, paths: list[str], concepts: dict) -> list[dict]:
     return studio._score(job, paths, concepts)
+
+
+def request_concepts(request: GenerationRequest) -> list[str]:
+    """The concepts a generation names (prompt, negative prompt, boxes), each once, in order."""
+    return list(dict.fromkeys(concepts_in(request.prompt) + concepts_in(request.negative_prompt)
+                              + [n for row in request.rows for n in concepts_in(row.prompt + " " + row.negative_prompt)]))
+
+
+def load_photos(paths: list[str]) -> tuple[list[Image.Image], list[str]]:
+    """Photos read now (an upload's temp file may vanish), and the loader's warnings as notes ("only 2 photos")."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        photos, _ = load_training_set([Path(p) for p in paths])
+    return photos, [str(w.message) for w in caught]
+
+
+def group_members(pets: list[tuple[str, str, list[str]]], need_names: bool = True) -> tuple[list[GroupMember], list[str]]:
+    """The group form's pets, (name, class word, photo paths) each, as GroupMembers with their photos
+    loaded and names stored lowercase, and notes for the result. A slot left wholly empty is
+    skipped; a half-filled one, fewer than two pets or a name given twice is refused.
+    need_names=False (the composite preview): only the photos count, and a pet is called "pet N"."""
+    members, notes = [], []
+    for slot, (name, class_word, paths) in enumerate(pets, start=1):
+        name, class_word, paths = (name or "").strip(), (class_word or "").strip(), list(paths or [])
+        if not need_names:
+            if paths:
+                members.append(GroupMember(f"<{name}>" if name else f"pet {slot}", class_word, load_photos(paths)[0]))
+            continue
+        if not (name or class_word or paths):
+            continue
+        if not name:
+            raise UserError(f"pet {slot} has no name; type one, e.g. mochi (prompts then write <mochi>), or clear its slot")
+        if not paths:
+            raise UserError(f"pet {slot} (<{name}>) has no photos; drop 3 or more photos of it in its photo box")
+        stored, note = normalise_name(name)
+        check_name(stored, f"pet {slot}'s name")
+        if not class_word:
+            raise UserError(f"pet {slot} (<{stored}>) has no class word; type one plain word for what it is, e.g. dog")
+        class_word = check_class_word(class_word)
+        photos, loaded = load_photos(paths)
+        notes += [f"<{stored}>: {n}" for n in loaded] + ([note] if note else [])
+        members.append(GroupMember(stored, class_word, photos))
+    if len(members) < 2:
+        what = "photos" if not need_names else "name, class word and photos"
+        raise UserError(f"a group needs two or three pets, {len(members)} given; fill in the {what} of at least two")
+    names = [m.name for m in members]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{', '.join(f'<{n}>' for n in twice)} is named twice in the group; give each pet its own name")
+    return members, notes
 
 
 def zip_folder(folder: Path, out: Path) -> Path:
@@ -1149,15 +1330,39 @@ def library_rows(library: ConceptLibrary) -> tuple[list, list[list]]:
     gallery, rows = [], []
     for concept in library.list():
         preview = library.preview_path(concept.name)
-        caption = f"{concept.token} · {concept.class_word} · {concept.photo_count} photos"
+        kind = KIND_NAMES.get(concept.kind, concept.kind)
+        caption = f"{concept.token} · {concept.class_word} · {kind} · {concept.photo_count} photos"
         if concept.is_test_model:
             caption += " · test model (noise)"
         if preview is not None:
             gallery.append((str(preview), caption))
-        rows.append([concept.token, concept.class_word, concept.photo_count, short_base_name(concept.base_model), concept.created, ""])
+        try:
+            size = human_size((library.path(concept.name) / WEIGHTS_FILE).stat().st_size)
+        except OSError:  # deleted since it was listed: the next redraw drops its row
+            size = ""
+        rows.append([concept.token, concept.class_word, concept.photo_count, short_base_name(concept.base_model), kind,
+                     group_label(concept), size, concept.created, ""])
     for name, problem in library.damaged().items():
-        rows.append([f"<{name}>", "", "", "", "", f"⚠ {problem}"])
+        rows.append([f"<{name}>", *[""] * (len(LIBRARY_COLUMNS) - 2), f"⚠ {problem}"])
     return gallery, rows
+
+
+def human_size(size: int) -> str:
+    """A file size as the library table shows it: 812 B, 5.9 KB, 4.4 MB, 1.2 GB (1 KB = 1024 bytes)."""
+    if size < 1024:
+        return f"{size} B"
+    for unit, scale in (("KB", 1024), ("MB", 1024**2), ("GB", 1024**3)):
+        if size < scale * 1024 or unit == "GB":
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def group_label(concept) -> str:
+    """The library's group cell: the joint group a concept was trained in, with its fellow members; "" for one trained alone."""
+    if not concept.group:
+        return ""
+    others = [f"<{m}>" for m in concept.members if m != concept.name]
+    return f"{concept.group} (with {', '.join(others)})" if others else concept.group
 
 
 def short_base_name(name: str) -> str:
@@ -1171,6 +1376,24 @@ def short_base_name(name: str) -> str:
 def usable_names(library: ConceptLibrary) -> list[str]:
     """The concepts the Compose and Generate pickers offer: damaged ones are left out."""
     return [concept.name for concept in library.list()]
+
+
+def merge_choices(library: ConceptLibrary, names: list[str]) -> tuple[list[tuple[str, str]], str]:
+    """The Compose method control for concepts `names`: ("automatic: <default>", "auto") and each merge
+    their kinds allow (`merge_methods`), and "" or why they cannot be merged (then only "auto", which
+    Fuse refuses with the same words). Unknown or damaged names are left to Fuse to refuse."""
+    try:
+        records = [library.get(name) for name in names or []]
+    except UserError:
+        return [("automatic", "auto")], ""
+    allowed = merge_methods([r.kind for r in records], [r.group for r in records])
+    if not allowed:
+        try:
+            resolve_method(records, "auto")
+        except UserError as error:
+            return [("automatic", "auto")], str(error)
+        return [("automatic", "auto")], "these concepts cannot be merged into one model"  # resolve_method always says why
+    return [(f"automatic ({METHOD_LABELS[allowed[0]]})", "auto")] + [(METHOD_LABELS[m], m) for m in allowed], ""
 
 
 def fused_rows(records: list[dict]) -> list[list]:
@@ -1278,7 +1501,8 @@ def warn(error: Exception) -> str:
 
 
 def build_concepts_tab(studio: Studio, library_views: list) -> dict:
-    """Training form, progress, previews, cancel; the library gallery and its actions."""
+    """Training forms (one pet of a chosen kind; a group of pets together), progress, previews, cancel;
+    the library gallery and its actions."""
     recipe = training_recipe(studio)
     with gr.Row():
         with gr.Column(scale=3):
@@ -1288,17 +1512,30 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
             with gr.Row():
                 name = gr.Textbox(label="Name (prompts use it as <name>)", placeholder="mochi", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
+            with gr.Row(equal_height=True):
+                kind = gr.Dropdown(label="Kind of concept", choices=list(TRAIN_KINDS.items()), value="edlora", elem_id="train-kind",
+                                   scale=1, min_width=160)
+                kind_note = gr.Markdown(KIND_NOTES["edlora"], elem_id="train-kind-note")
             auto_mask = gr.Checkbox(label="Find the pet in each photo automatically (detector masks for the loss)")
             with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
                 with gr.Row():
-                    steps = gr.Number(label="Steps (0: 500 per photo / batch size)", value=recipe["steps"], precision=0, minimum=0, elem_id="train-steps")
+                    steps = gr.Number(label="Steps (0: 500 per photo / batch size; Cones: search passes)", value=recipe["steps"],
+                                      precision=0, minimum=0, elem_id="train-steps")
                     batch_size = gr.Number(label="Batch size", value=2, precision=0, minimum=1)
-                    rank = gr.Number(label="LoRA rank", value=4, precision=0, minimum=1)
                     resolution = gr.Number(label="Resolution (0: the base's own)", value=0, precision=0, minimum=0)
-                with gr.Row():
+                with gr.Row() as edlora_settings:  # ED-LoRA only
+                    rank = gr.Number(label="LoRA rank", value=4, precision=0, minimum=1)
                     lr_embedding = gr.Number(label="Learning rate, embeddings", value=recipe["lr_embedding"], elem_id="train-lr-embedding")
                     lr_text_lora = gr.Number(label="Learning rate, text-encoder LoRA", value=recipe["lr_text_lora"])
                     lr_unet_lora = gr.Number(label="Learning rate, UNet LoRA", value=recipe["lr_unet_lora"])
+                with gr.Row(visible=False) as custom_settings:  # Custom Diffusion only
+                    lr_kv = gr.Number(label="Learning rate, modifier word and cross-attention K/V", value=recipe["lr_kv"], minimum=0,
+                                      elem_id="train-lr-kv")
+                    class_prior = gr.Number(label="Chance of a class picture (the base model's own <class word>: prior preservation)",
+                                            value=recipe["class_prior_probability"], minimum=0, maximum=1, elem_id="train-class-prior")
+                with gr.Row(visible=False) as cones_settings:  # Cones only
+                    max_neurons = gr.Number(label="Neuron cap (the most weights the concept shuts; 4 bytes each in its file)",
+                                            value=recipe["cones_max_neurons"], precision=0, minimum=1, elem_id="train-max-neurons")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     preview_every = gr.Number(label="Preview every N steps (0: about five per run)", value=0, precision=0, minimum=0)
@@ -1316,6 +1553,7 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
             if studio.demo is not None:  # the stock pets' photos, to train a pet of the toy world in minutes
                 gr.Examples(studio.demo.examples, [photos, name, class_word], label="Stock pets' photos (click one to fill the form)",
                             elem_id="demo-examples", example_labels=[f"{n} ({c})" for _, n, c in studio.demo.examples])
+            group = build_group_form(studio, recipe)
         with gr.Column(scale=2):
             progress = gr.HTML(progress_html(studio.jobs.latest("train"), "No training yet."), elem_id="train-progress")
             previews = gr.Gallery(label="Previews as training goes", columns=5, height=180, elem_id="train-previews")
@@ -1362,23 +1600,28 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
             import_go = gr.Button("Import", variant="primary", elem_id="import-go")
         import_status = gr.HTML(elem_id="import-status")
 
-    form = {photos, name, class_word, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
-            lr_unet_lora, seed, preview_every, overwrite, resume, attn_reg_weight, multi_subject_probability,
-            prior_probability, companions}
+    form = {photos, name, class_word, kind, auto_mask, steps, batch_size, rank, resolution, lr_embedding, lr_text_lora,
+            lr_unet_lora, lr_kv, class_prior, max_neurons, seed, preview_every, overwrite, resume, attn_reg_weight,
+            multi_subject_probability, prior_probability, companions}
 
     def on_train(values: dict) -> str:
         try:
             config = TrainConfig(
-                name=values[name].strip(), class_word=values[class_word].strip(), steps=int(values[steps]) or None,
+                name=values[name].strip(), class_word=values[class_word].strip(), kind=values[kind], steps=int(values[steps]) or None,
                 batch_size=int(values[batch_size]), resolution=int(values[resolution]) or None, rank=int(values[rank]),
                 lr_embedding=float(values[lr_embedding]), lr_text_lora=float(values[lr_text_lora]),
-                lr_unet_lora=float(values[lr_unet_lora]), seed=int(values[seed]), preview_every=int(values[preview_every]),
+                lr_unet_lora=float(values[lr_unet_lora]), lr_kv=float(values[lr_kv]), class_prior_probability=float(values[class_prior]),
+                cones_max_neurons=int(values[max_neurons]), seed=int(values[seed]), preview_every=int(values[preview_every]),
                 attn_reg_weight=float(values[attn_reg_weight]), multi_subject_probability=float(values[multi_subject_probability]),
                 prior_probability=float(values[prior_probability]), companions=parse_companions(values[companions] or ""))
             state = studio.submit_training(values[photos] or [], config, values[auto_mask], values[overwrite], values[resume])
         except UserError as error:
             return warn(error)
         return progress_html(state)
+
+    def on_kind(chosen: str):
+        return (KIND_NOTES[chosen], gr.update(visible=chosen == "edlora"), gr.update(visible=chosen == "custom-diffusion"),
+                gr.update(visible=chosen == "cones"))
 
     def on_cancel() -> str:
         state = studio.cancel_training()
@@ -1429,6 +1672,9 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
 
     train_button.click(on_train, inputs=form, outputs=progress, concurrency_limit=None)
     cancel_button.click(on_cancel, outputs=progress, concurrency_limit=None)
+    kind.change(on_kind, kind, [kind_note, edlora_settings, custom_settings, cones_settings], show_progress="hidden")
+    group["train"].click(group["on_train"], inputs=group["form"], outputs=progress, concurrency_limit=None)
+    group["cancel"].click(on_cancel, outputs=progress, concurrency_limit=None)
     rename_button.click(lambda c, n: library_action(studio.rename, c, n), [selected, new_name], library_status)
     delete_button.click(lambda c: library_action(studio.delete, c) if c else "", selected, library_status,
                         js="(c) => (c && confirm('Delete <' + c + '> from the library?')) ? c : null")
@@ -1442,13 +1688,103 @@ def build_concepts_tab(studio: Studio, library_views: list) -> dict:
     return {"progress": progress, "previews": previews, "selected": selected}
 
 
+def build_group_form(studio: Studio, recipe: dict) -> dict:
+    """The "Train a group together" section: 2-3 pets, backgrounds, a preview of the composites, and
+    Train group (a job like single training: its progress, previews and cancel are the page's)."""
+    with gr.Accordion("Train a group together (Gen4Gen)", open=False, elem_id="group-train"):
+        gr.Markdown("Two or three pets that should appear together. One model learns them all from composites of their photos"
+                    " (Gen4Gen; MuDI's Seg-Mix), each pet's words on its own pixels, and each pet becomes a concept in the"
+                    " library. Joint: ED-LoRA words for each pet and one LoRA shared by the group; Custom Diffusion, joint:"
+                    " a modifier word for each pet and one set of cross-attention K/V weights. Members of one group merge"
+                    " as they were trained (Compose: the group's shared weights).")
+        with gr.Row():
+            group_name = gr.Textbox(label="Group name", placeholder="pals", elem_id="group-name")
+            group_kind = gr.Dropdown(label="Kind", choices=list(GROUP_KINDS.items()), value="joint", elem_id="group-kind")
+        pets = []
+        with gr.Row():
+            for i in range(MAX_GROUP_PETS):
+                with gr.Column(min_width=160):
+                    pets.append((
+                        gr.Textbox(label=f"Pet {i + 1} name{' (optional)' if i >= 2 else ''}", placeholder=("mochi", "tama", "rex")[i % 3],
+                                   elem_id=f"group-pet{i + 1}-name"),
+                        gr.Textbox(label=f"Pet {i + 1} class word", placeholder=("dog", "cat", "dog")[i % 3],
+                                   elem_id=f"group-pet{i + 1}-class"),
+                        gr.File(label=f"Photos of pet {i + 1}", file_count="multiple", file_types=["image"],
+                                elem_id=f"group-pet{i + 1}-photos")))
+        auto_mask = gr.Checkbox(label="Find each pet in its photos automatically (detector masks: each pet is cut out for the composites)",
+                                elem_id="group-auto-mask")
+        with gr.Row():
+            backgrounds = gr.File(label="Background photos (optional): empty scenes", file_count="multiple", file_types=["image"],
+                                  elem_id="group-backgrounds")
+            background_prompt = gr.Textbox(label="Background prompt: what the photos show, or what the base model draws without photos",
+                                           placeholder="in a garden", elem_id="group-background-prompt")
+        gr.Markdown("Backgrounds: your photos of empty scenes, with a prompt saying what they show; or only a prompt, and the"
+                    " base model draws 8 scenes when training starts; or neither, and the pets stand on plain black.")
+        with gr.Accordion("Group settings", open=False, elem_id="group-advanced"):
+            with gr.Row():
+                steps = gr.Number(label="Steps (0: 500 per photo / batch size)", value=recipe["steps"], precision=0, minimum=0,
+                                  elem_id="group-steps")
+                batch_size = gr.Number(label="Batch size", value=2, precision=0, minimum=1)
+                composite_chance = gr.Number(label="Chance of a composite of all the pets (else one pet's photo)",
+                                             value=GROUP_COMPOSITE_CHANCE, minimum=0, maximum=1, elem_id="group-composite-chance")
+                seed = gr.Number(label="Seed (training and the preview)", value=0, precision=0, elem_id="group-seed")
+            with gr.Row():
+                preview_every = gr.Number(label="Preview every N steps (0: about five per run)", value=0, precision=0, minimum=0)
+                overwrite = gr.Checkbox(label="Replace concepts of the same names", elem_id="group-overwrite")
+                resume = gr.Checkbox(label="Continue from the last checkpoint (after a cancel)", elem_id="group-resume")
+        with gr.Row():
+            preview_button = gr.Button("Preview composites", elem_id="group-preview-button")
+            train_button = gr.Button("Train group", variant="primary", elem_id="group-train-button")
+            cancel_button = gr.Button("Cancel training", elem_id="group-cancel-button")
+        preview_note = gr.HTML(elem_id="group-preview-note")
+        composites = gr.Gallery(label="Composites as training makes them", columns=4, height=260, object_fit="contain",
+                                elem_id="group-composites")
+    pet_fields = [field for pet in pets for field in pet]
+    form = {group_name, group_kind, *pet_fields, auto_mask, backgrounds, background_prompt, steps, batch_size, composite_chance,
+            seed, preview_every, overwrite, resume}
+
+    def on_train_group(values: dict) -> str:
+        try:
+            config = TrainConfig(
+                name=values[group_name].strip(), class_word="", kind=values[group_kind], steps=int(values[steps]) or None,
+                batch_size=int(values[batch_size]), multi_subject_probability=float(values[composite_chance]), seed=int(values[seed]),
+                preview_every=int(values[preview_every]), lr_embedding=recipe["lr_embedding"], lr_text_lora=recipe["lr_text_lora"],
+                lr_unet_lora=recipe["lr_unet_lora"], lr_kv=recipe["lr_kv"])
+            state = studio.submit_group_training(values[group_name], [tuple(values[f] for f in pet) for pet in pets], config,
+                                                 values[backgrounds], values[background_prompt], values[auto_mask],
+                                                 values[overwrite], values[resume])
+        except UserError as error:
+            return warn(error)
+        return progress_html(state)
+
+    def on_preview_composites(*values):
+        *fields, backgrounds_given, prompt, masked, preview_seed = values
+        try:
+            images, note = studio.composite_preview([tuple(fields[i:i + 3]) for i in range(0, len(fields), 3)], backgrounds_given,
+                                                    prompt or "", masked, int(preview_seed or 0))
+        except UserError as error:
+            return [], warn(error)
+        return images, f"<div class='job-note'>{html.escape(note)}</div>"
+
+    preview_button.click(on_preview_composites, [*pet_fields, backgrounds, background_prompt, auto_mask, seed], [composites, preview_note],
+                         concurrency_limit=None)
+    return {"form": form, "on_train": on_train_group, "train": train_button, "cancel": cancel_button}
+
+
 def build_compose_tab(studio: Studio) -> dict:
     """Pick concepts, fuse them with progress; the cached fused models and their reports."""
-    gr.Markdown("Fuse two or more concepts into one model (Mix-of-Show gradient fusion), or average their weights to compare."
-                " Generate fuses on the fly when a picture names several concepts; fusing here first lets you see the report.")
+    gr.Markdown("Fuse two or more concepts into one model. Each kind merges its own way: ED-LoRA concepts and imported LoRAs"
+                " by Mix-of-Show gradient fusion (or weight averaging, to compare), Custom Diffusion concepts by its closed-form"
+                " merge, Cones concepts by the union of their neurons, and the members of one group as they were trained;"
+                " kinds that do not merge are refused. Generate fuses on the fly when a picture names several concepts;"
+                " fusing here first lets you see the report.")
+    choices, _ = merge_choices(studio.library, [])
     with gr.Row():
         names = gr.CheckboxGroup(label="Concepts", choices=usable_names(studio.library), elem_id="compose-concepts")
-        method = gr.Radio(label="Method", choices=[("gradient fusion", "gradient"), ("weight averaging", "weight")], value="gradient")
+        with gr.Column():
+            method = gr.Radio(label="Method (what the chosen concepts' kinds allow)", choices=choices, value="auto",
+                              elem_id="compose-method")
+            method_note = gr.HTML(elem_id="compose-method-note")
     with gr.Row():
         fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
         cancel_fuse_button = gr.Button("Cancel", elem_id="cancel-fuse-button")
@@ -1489,6 +1825,11 @@ def build_compose_tab(studio: Studio) -> dict:
                flags: report_flags(fused_report(shown)) if shown else gr.skip(),
                selected_fused: shown["folder"] if shown else gr.skip(), selected_label: fused_label(shown) if shown else gr.skip()}
 
+    def on_concepts(concepts: list[str], chosen: str):
+        allowed, problem = merge_choices(studio.library, concepts or [])
+        value = chosen if chosen in [value for _, value in allowed] else "auto"
+        return gr.update(choices=allowed, value=value), error_html(UserError(problem)) if problem else ""
+
     def on_select(evt: gr.SelectData):
         records = studio.fused_models()
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -1513,6 +1854,7 @@ def build_compose_tab(studio: Studio) -> dict:
 
     fuse_button.click(on_fuse, [names, method], [status, fused_table, report, flags, selected_fused, selected_label],
                       concurrency_limit=None)
+    names.change(on_concepts, [names, method], [method, method_note], show_progress="hidden")
     cancel_fuse_button.click(lambda: cancel_html(studio, "fuse", "No fusion to cancel."), outputs=status,
                              concurrency_limit=None)
     fused_table.select(on_select, None, [report, flags, selected_fused, selected_label])
@@ -1849,7 +2191,8 @@ def fused_folder_of(studio: Studio, fused_id: str) -> str | None:
 def concept_records(library: ConceptLibrary) -> list[dict]:
     """The library for a script: usable concepts, then damaged ones with their problem."""
     records = [{"name": c.name, "token": c.token, "class_word": c.class_word, "photo_count": c.photo_count,
-                "base_model": c.base_model, "created": c.created, "problem": ""} for c in library.list()]
+                "base_model": c.base_model, "created": c.created, "kind": c.kind, "group": c.group, "problem": ""}
+               for c in library.list()]
     return records + [{"name": name, "token": f"<{name}>", "problem": problem} for name, problem in library.damaged().items()]
 
 
@@ -1892,8 +2235,8 @@ def build_api(studio: Studio) -> None:
 
     def api_train(photos: list[FileData], name: str, class_word: str, steps: int | None = None, batch_size: int = 2,
                   rank: int = 4, resolution: int | None = None, seed: int = 0, auto_mask: bool = False,
-                  overwrite: bool = False) -> tuple[str, FileData | None, str]:
-        """Train a concept (ED-LoRA) from photos of one pet and add it to the library; waits until it is trained.
+                  overwrite: bool = False, kind: str = "edlora") -> tuple[str, FileData | None, str]:
+        """Train a concept from photos of one pet and add it to the library; waits until it is trained.
 
         Args:
             photos: image files, each as gradio_client.handle_file("photo.jpg"); 3 or more is best
@@ -1906,36 +2249,42 @@ def build_api(studio: Studio) -> None:
             seed: makes a run repeatable
             auto_mask: find the pet in each photo with the detector (masked loss)
             overwrite: replace a concept of the same name
+            kind: "edlora" (ED-LoRA), "custom-diffusion" (Custom Diffusion) or "cones" (Cones)
         Returns:
             name: the concept's name as stored
             preview: its preview image
             status: what happened, with any notes
         """
         recipe = training_recipe(studio)
-        config = TrainConfig(name=name.strip(), class_word=class_word.strip(), steps=steps or recipe["steps"] or None,
+        config = TrainConfig(name=name.strip(), class_word=class_word.strip(), kind=kind, steps=steps or recipe["steps"] or None,
                              batch_size=batch_size, rank=rank, resolution=resolution or None, seed=seed,
-                             lr_embedding=recipe["lr_embedding"], lr_text_lora=recipe["lr_text_lora"], lr_unet_lora=recipe["lr_unet_lora"])
+                             lr_embedding=recipe["lr_embedding"], lr_text_lora=recipe["lr_text_lora"], lr_unet_lora=recipe["lr_unet_lora"],
+                             lr_kv=recipe["lr_kv"], class_prior_probability=recipe["class_prior_probability"],
+                             cones_max_neurons=recipe["cones_max_neurons"])
         done = finished_job(studio, studio.submit_training(uploaded_paths(photos), config, auto_mask, overwrite))
         trained = done.result
         preview = studio.library.preview_path(trained)
         status = f"trained <{trained}> ({studio.library.get(trained).class_word}) in {done.total} steps, final loss {done.loss or 0:.4f}"
         return trained, FileData(path=str(preview)) if preview else None, "; ".join(n for n in (status, done.message) if n)
 
-    def api_fuse(concepts: list[str], method: str = "gradient") -> tuple[str, dict, str]:
-        """Fuse two or more concepts into one model (Mix-of-Show gradient fusion, or weight averaging);
-        cached in the library, so fusing the same concepts again returns at once.
+    def api_fuse(concepts: list[str], method: str = "auto") -> tuple[str, dict, str]:
+        """Fuse two or more concepts into one model, each kind its own way; cached in the library, so
+        fusing the same concepts again returns at once.
 
         Args:
             concepts: concept names, e.g. ["mochi", "tama"] (or tokens, "<mochi>")
-            method: "gradient" (gradient fusion) or "weight" (weight averaging)
+            method: "auto" (the first merge the concepts' kinds allow), "gradient" (gradient fusion) or "weight"
+                (weight averaging) for ED-LoRA and imported LoRAs, "custom-diffusion", "cones", or "group" (a joint
+                group's members as trained)
         Returns:
             fused: the fused model's id, for generate's `fused`
-            report: per concept, the relative output error of the method and of weight averaging
+            report: per concept, the relative output error of the method and of weight averaging ({} for some merges)
             status: what happened
         """
-        if method not in ("gradient", "weight"):
-            raise UserError(f"method {method!r} is not known; use 'gradient' or 'weight'")
+        if method not in ("auto",) + METHODS:
+            raise UserError(f"method {method!r} is not known; use {', '.join(repr(m) for m in ('auto',) + METHODS)}")
         names = [str(c).strip().strip("<>") for c in concepts or []]
+        method = studio.fusion_method(names, method)
         done = finished_job(studio, studio.submit_fusion(names, method))
         folder = Path(done.result)
         report = fused_report({"folder": str(folder)})
@@ -2043,7 +2392,7 @@ def build_app(base_name: str, library_dir: str, outputs_dir: str | None = None, 
         queue = gr.Markdown(queue_markdown(studio.jobs.jobs()), elem_id="queue")
         library_gallery = gr.Gallery(label="Concepts", columns=6, height=220, object_fit="contain", render=False,
                                      elem_id="library-gallery")  # a fixed height: one concept must not fill the page
-        library_table = gr.Dataframe(headers=["concept", "class", "photos", "base model", "created", "problem"], label="Concept details",
+        library_table = gr.Dataframe(headers=LIBRARY_COLUMNS, label="Concept details",
                                      interactive=False, render=False, elem_id="library-table")
         with gr.Tab("Concepts"):
             concepts = build_concepts_tab(studio, [library_gallery, library_table])

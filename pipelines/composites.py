@@ -331,6 +331,8 @@ def check_members(members: list, names: list[str] | None = None) -> None:
         if len(masks) != len(photos):
             raise UserError(f"{who} has {len(masks)} masks for {len(photos)} photos; give one mask per photo or none")
         for j, (photo, mask) in enumerate(zip(photos, masks)):
+            if mask is None:  # a photo without a mask: pasted whole
+                continue
             if mask.size != photo.size:
                 raise UserError(f"{who}'s mask {j + 1} is {mask.size[0]}x{mask.size[1]}, its photo"
                                 f" {photo.size[0]}x{photo.size[1]}; a mask must be the size of its photo")
