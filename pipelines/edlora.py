@@ -334,6 +334,16 @@ def shut_update(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return update.reshape(weight.shape)
 
 
+def shut_as_lora(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LoRA factors of `shut_update`: A holds the touched rows' updates, B puts them back in place
+    (rank = rows touched, far below min(out, in) for a few thousand neurons)."""
+    update = shut_update(weight, indices)
+    rows = torch.unique(indices.long() // weight.shape[1])
+    up = torch.zeros(weight.shape[0], len(rows))
+    up[rows, torch.arange(len(rows))] = 1.0
+    return update[rows].clone(), up
+
+
 def base_weight(base, module_name: str) -> torch.Tensor:
     """The frozen weight of a UNet layer (under a peft wrapper, the wrapped layer's)."""
     module = base.unet.get_submodule(module_name)
@@ -369,9 +379,16 @@ def expand_concept_tensors(tensors: dict[str, torch.Tensor], base) -> dict[str, 
         return tensors
     embeddings = tensors["embeddings"]
     out = {"embeddings": embeddings.expand(-1, NUM_LAYERS, -1).contiguous() if embeddings.shape[1] == 1 else embeddings}
-    for key, update in dense_updates(tensors, base).items():
-        down, up = dense_as_lora(update)
-        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = down, up
+    for key, value in tensors.items():
+        if key.endswith(".delta"):
+            module = key[: -len(".delta")]
+            down, up = dense_as_lora(value.float())
+        elif key.endswith(".shut") and value.numel():
+            module = key[: -len(".shut")]
+            down, up = shut_as_lora(base_weight(base, module[len("unet."):]), value)
+        else:
+            continue
+        out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = down, up
     return out
 
 

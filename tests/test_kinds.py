@@ -388,3 +388,13 @@ def test_export_and_rename_know_the_kinds(kinds_library, tmp_path):
     with pytest.raises(UserError, match="member of the group 'duo'"):
         kinds_library.rename("aa", "cc")
     assert "aa" in kinds_library.names() and "cc" not in kinds_library.names()
+
+
+def test_shut_neurons_load_as_low_rank_exact_factors():
+    from pipelines.edlora import shut_as_lora
+
+    weight = torch.randn(6, 5)
+    indices = torch.tensor([0, 3, 21, 22], dtype=torch.int32)  # rows 0 and 4
+    down, up = shut_as_lora(weight, indices)
+    assert down.shape == (2, 5) and up.shape == (6, 2)
+    assert torch.equal(up @ down, shut_update(weight, indices))
