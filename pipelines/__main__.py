@@ -150,8 +150,8 @@ def cmd_train(args) -> None:
         return
     library.save(result.concept, result.tensors, result.preview, overwrite=True)
     loss = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
-    print(f"saved {KIND_NAMES[config.kind]} concept <{args.name}> ({args.class_word}, {len(photos)} photos,"
-          f" {config.steps or len(result.losses)} steps{loss}, {human_size(library.size(args.name))}) to {library.root / args.name}")
+    print(f"saved concept <{args.name}> ({args.class_word}, {len(photos)} photos, {config.steps or len(result.losses)} steps{loss},"
+          f" {KIND_NAMES[config.kind]}, {human_size(library.size(args.name))}) to {library.root / args.name}")
     if base.is_test_model:
         print("note: trained on the tiny random test model; its previews are noise")
 

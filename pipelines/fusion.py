@@ -352,12 +352,12 @@ def _solve(w0s: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]], 
         layer_grams = [g[group].to(device) for g in grams]
         w0 = w0.to(device).double()
         average = weight_average(w0, layer_deltas)
-        if config.method == "gradient":
+        if config.method == "weight":
+            w = average
+        else:  # gradient fusion ("auto" for LoRA-shaped concepts)
             if group not in pinvs:
                 pinvs[group] = gram_pinv(sum(layer_grams), config.rcond)
             w = fuse_layer(w0, layer_deltas, layer_grams, pinv=pinvs[group])
-        else:
-            w = average
         fused[name] = w
         report[name] = {
             "method": [relative_output_error(w, w0 + d, g) for d, g in zip(layer_deltas, layer_grams)],
