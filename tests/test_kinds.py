@@ -356,7 +356,7 @@ def test_cli_trains_each_kind_and_lists_kind_and_size(tmp_path, capsys, restore_
     code = main(["train", "--base", "tiny", "--library", str(library), "--images", str(photos), "--name", "cdpet",
                  "--class-word", "dog", "--steps", "2", "--batch-size", "1", "--kind", "custom-diffusion"])
     out = capsys.readouterr().out
-    assert code == 0 and "saved concept <cdpet> (dog, 2 photos, 2 steps" in out and "Custom Diffusion" in out
+    assert code == 0 and "saved concept <cdpet> (dog, 4 photos, 2 steps" in out and "Custom Diffusion" in out
     pets_dir = {name: tmp_path / name for name in ("aa", "bb")}
     for i, folder in enumerate(pets_dir.values()):
         folder.mkdir()
