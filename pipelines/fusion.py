@@ -533,16 +533,9 @@ def fuse_concepts(
     # 5. Save only what changed (float32 updates W - W0), and the report
     updates = {f"text_encoder.{k}": v for k, v in fused_text.items()}
     updates.update({f"unet.{k}": v for k, v in {**fused_kv, **fused_spatial}.items()})
-    tensors_out = {k: v.float().cpu().contiguous() for k, v in canonical_keys(updates).items()}  # file naming
-    for name, t in zip(names, tensors):
-        tensors_out[f"concepts.{name}"] = t["embeddings"].float().contiguous()
+    tensors_out = _fused_tensors(updates, names, tensors)
     report = fusion_report(reports, names, config.method)
-    record = {
-        "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
-        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": canonical_keys(signature),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
-        "concept_records": [r.to_json() for r in records],
-    }
+    record = _fused_record(base, key, names, records, config, signature, started)
     _save_fused(folder, tensors_out, record, report)
     base.fused = str(folder)
     return FusedModel(folder=folder, concepts=names, method=config.method, record=record, report=report)
@@ -627,16 +620,8 @@ def _merge_kinds(base: BaseModel, library, names: list[str], records: list, conf
     for model in (base.text_encoder, base.unet):
         set_active_adapters(model, [])
     signature = base_signature(base, list(updates))
-    tensors_out = {k: v.float().cpu().contiguous() for k, v in canonical_keys(updates).items()}
-    for name, t in zip(names, tensors):
-        embeddings = t["embeddings"].float()
-        tensors_out[f"concepts.{name}"] = embeddings.expand(-1, NUM_LAYERS, -1).contiguous() if embeddings.shape[1] == 1 else embeddings.contiguous()
-    record = {
-        "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
-        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": canonical_keys(signature),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
-        "concept_records": [r.to_json() for r in records],
-    }
+    tensors_out = _fused_tensors(updates, names, tensors)
+    record = _fused_record(base, key, names, records, config, signature, started)
     _save_fused(folder, tensors_out, record, report)
     for model, prefix in ((base.text_encoder, "text_encoder."), (base.unet, "unet.")):
         _apply_updates(model, {k[len(prefix):]: v for k, v in updates.items() if k.startswith(prefix)})
@@ -691,6 +676,26 @@ def outlier_layers(errors: dict[str, list[float]], names: list[str], ratio: floa
             if values[i] > floor and values[i] > ratio * median:
                 flagged.append({"layer": layer, "concept": name, "relative_error": values[i], "median_of_kind": median})
     return sorted(flagged, key=lambda row: -row["relative_error"] / max(row["median_of_kind"], 1e-12))
+
+
+def _fused_tensors(updates: dict[str, torch.Tensor], names: list[str], tensors: list[dict]) -> dict[str, torch.Tensor]:
+    """What fused.safetensors holds: float32 updates (file naming) and each concept's [w, 16, d] tokens
+    (a Cones concept's one vector per word, repeated over the layers)."""
+    out = {k: v.float().cpu().contiguous() for k, v in canonical_keys(updates).items()}
+    for name, t in zip(names, tensors):
+        out[f"concepts.{name}"] = t["embeddings"].float().expand(-1, NUM_LAYERS, -1).contiguous()
+    return out
+
+
+def _fused_record(base: BaseModel, key: str, names: list[str], records: list, config: FusionConfig,
+                  signature: dict, started: float) -> dict:
+    """fused.json: what was fused, how, on which base (with its weights' signature), and when."""
+    return {
+        "format": FUSED_FORMAT, "key": key, "concepts": names, "method": config.method,
+        "config": asdict(config), "base_model": base.name, "fingerprint": base.fingerprint, "base_signature": canonical_keys(signature),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 2),
+        "concept_records": [r.to_json() for r in records],
+    }
 
 
 def _save_fused(folder: Path, tensors: dict[str, torch.Tensor], record: dict, report: dict) -> None:
