@@ -331,8 +331,11 @@ def test_isolated_sampling_loads_each_kind_per_branch(fresh_base, kinds_library)
 
     config = IsolateConfig(prompt="a dog and a cat", subjects=(Subject("dog", "a <cd1>"), Subject("cat", "a <aa>")),
                            negative_prompt="", steps=3, boxes=((0, 0, 32, 64), (32, 0, 64, 64)))
-    result = isolate(fresh_base(), kinds_library, config, detector=detector)
-    assert result.final.size == (64, 64)
+    base = fresh_base()
+    result = isolate(base, kinds_library, config, detector=detector)  # a merge of these kinds would be refused
+    assert result.final.size == (64, 64) and len(result.assignments) == 2
+    assert {"cd1", "aa"} <= set(base.loaded_concepts)  # each branch's own concept, no fused model
+    assert base.fused is None
 
 
 # ---------------------------------------------------------------------------------------------
